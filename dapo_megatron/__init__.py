@@ -1,0 +1,3 @@
+"""dapo-megatron: DAPO reinforcement-learning post-training on Megatron-Core."""
+
+__version__ = "0.1.0"

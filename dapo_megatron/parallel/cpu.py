@@ -1,0 +1,95 @@
+"""Run stock Megatron-Core on CPU with the gloo backend.
+
+Megatron-Core assumes CUDA in a few dozen places (see ``shared/CPU_MEGATRON.md``). Rather than
+forking it, :func:`enable_cpu_megatron` redirects exactly those assumptions to the CPU:
+
+* ``torch.cuda.current_device()`` -> ``torch.device("cpu")`` (rotary embeddings, p2p buffers,
+  sequence-parallel gather/scatter, DDP grad buffers); ``torch.cuda.synchronize`` -> no-op.
+* ``device="cuda"`` / ``Tensor.cuda()`` / ``.to("cuda")`` are rewritten to CPU by a
+  ``TorchFunctionMode`` that stays active for the process (schedules, optimizer, checkpointing,
+  the default causal mask).
+* The model-parallel RNG tracker uses the CPU generator.
+* ``clip_grad_by_total_norm_fp32`` asserts CUDA tensors: replaced by a CPU scaler.
+
+It is a no-op when CUDA is available, so GPU runs use Megatron-Core untouched. Idempotent.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED = False
+_MODE: TorchFunctionMode | None = None
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placements to CPU for every torch call made while active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.cuda, torch._C.TensorBase.cuda):
+            return args[0]
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = torch.device("cpu")
+        if func in (torch.Tensor.to, torch._C.TensorBase.to):
+            args = tuple(torch.device("cpu") if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """CPU twin of ``megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32``."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for param in parameters:
+            grad = param.decoupled_grad if use_decoupled_grad else param.grad
+            if grad is not None:
+                grad.detach().mul_(clip_coeff)
+
+
+def enable_cpu_megatron() -> bool:
+    """Make Megatron-Core run on CPU. Returns True if the CPU redirection is active."""
+    global _ENABLED, _MODE
+    if torch.cuda.is_available():
+        return False
+    if _ENABLED:
+        return True
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    torch.cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)
+
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+    _ENABLED = True
+    return True
+
+
+def device() -> torch.device:
+    """The device this process computes on: the current CUDA device, or CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

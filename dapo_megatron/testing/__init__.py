@@ -1,0 +1,1 @@
+"""Helpers for tests: run functions on several gloo ranks, build tiny HF models."""
