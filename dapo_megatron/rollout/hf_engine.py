@@ -1,0 +1,191 @@
+"""Embedded rollout engine: a ``transformers`` model in this process, with a small sampling loop.
+
+Light and dependency-free (no vLLM): meant for tests, CPU runs and as a numerical reference. Every
+(prompt, sample) row owns a ``torch.Generator`` seeded from :func:`derive_seed`, so the tokens of a
+row depend on its seed and the weights, not on which other rows share the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from dapo_megatron.rollout.types import Response, SamplingConfig
+from dapo_megatron.rollout.validation import (
+    check_generate_inputs,
+    checkpoint_shapes,
+    collect_named_tensors,
+    derive_seed,
+    read_model_facts,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / top-p (nucleus) set to ``-inf``; ``logits``: ``[B, V]`` fp32.
+
+    top-k keeps tokens whose logit is >= the k-th largest; top-p then keeps, in descending
+    probability order, every token whose preceding cumulative probability is < ``top_p`` (so the
+    most likely token is always kept).
+    """
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class HFEngine:
+    """:class:`~dapo_megatron.rollout.RolloutEngine` on an in-process ``transformers`` model.
+
+    Args:
+        model_dir: HF model directory (safetensors), tokenizer files optional.
+        dtype: ``"float32"`` (default, for exact log-probs), ``"bfloat16"`` or ``"float16"``.
+        seed: seeds the engine generator used when ``SamplingConfig.seed`` is ``None``.
+        device: torch device of the model (``"cpu"`` or ``"cuda"``).
+        max_model_len: cap on prompt + response tokens (default: ``max_position_embeddings``).
+        max_batch_rows: most (prompt, sample) rows decoded together; more are run in chunks.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str | torch.dtype = "float32",
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        max_model_len: int | None = None,
+        max_batch_rows: int = 64,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        self.model_dir = Path(model_dir)
+        self.facts = read_model_facts(self.model_dir, max_model_len)
+        self.device = torch.device(device)
+        self.max_batch_rows = max_batch_rows
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=resolve_dtype(dtype))
+        self.model.to(self.device).eval()
+        self._expected_shapes = checkpoint_shapes(self.model_dir)
+        self._optional_names = ("lm_head.weight",) if self.facts.tied_embeddings else ()
+        self._rng = torch.Generator().manual_seed(seed)
+        self._pad_id = 0
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self, prompt_token_ids: list[list[int]], n: int, sampling: SamplingConfig
+    ) -> list[list[Response]]:
+        """Sample ``n`` responses per prompt (see :class:`~dapo_megatron.rollout.Response`)."""
+        check_generate_inputs(prompt_token_ids, n, sampling, self.facts)
+        base_seed = sampling.seed
+        if base_seed is None:
+            base_seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+        rows = [(i, j) for i in range(len(prompt_token_ids)) for j in range(n)]
+        results: list[list[Response | None]] = [[None] * n for _ in prompt_token_ids]
+        for start in range(0, len(rows), self.max_batch_rows):
+            chunk = rows[start : start + self.max_batch_rows]
+            prompts = [list(prompt_token_ids[i]) for i, _ in chunk]
+            seeds = [derive_seed(base_seed, i, j, n) for i, j in chunk]
+            for (i, j), response in zip(chunk, self._generate_rows(prompts, seeds, sampling)):
+                results[i][j] = response
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _generate_rows(
+        self, prompts: list[list[int]], seeds: list[int], sampling: SamplingConfig
+    ) -> list[Response]:
+        batch = len(prompts)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        for r, prompt in enumerate(prompts):  # left padding: the next token is always at [:, -1]
+            input_ids[r, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[r, width - len(prompt) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        stop_ids = set(self.facts.eos_token_ids) | set(sampling.stop_token_ids)
+
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logprobs: list[list[float]] = [[] for _ in range(batch)]
+        finish: list[str | None] = [None] * batch
+        past = None
+        step_ids, step_pos = input_ids, position_ids
+        for _ in range(sampling.max_new_tokens):
+            out = self.model(
+                input_ids=step_ids,
+                attention_mask=attention_mask,
+                position_ids=step_pos,
+                past_key_values=past,
+                use_cache=True,
+            )
+            past = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            if sampling.greedy:
+                logp = torch.log_softmax(logits, dim=-1)
+                next_ids = logits.argmax(dim=-1).cpu()
+            else:
+                scaled = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+                logp = torch.log_softmax(scaled, dim=-1)
+                probs = logp.exp().cpu()
+                next_ids = torch.zeros(batch, dtype=torch.long)
+                for r in range(batch):
+                    if finish[r] is None:  # finished rows draw nothing: each row's stream is its own
+                        next_ids[r] = torch.multinomial(probs[r], 1, generator=generators[r])[0]
+            chosen = logp.cpu().gather(-1, next_ids[:, None])[:, 0]
+            for r in range(batch):
+                if finish[r] is not None:
+                    continue
+                tok = int(next_ids[r])
+                tokens[r].append(tok)
+                logprobs[r].append(float(chosen[r]))
+                if tok in stop_ids:
+                    finish[r] = "stop"
+            if all(f is not None for f in finish):
+                break
+            step_ids = next_ids.to(self.device)[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
+        return [
+            Response(token_ids=t, logprobs=lp, finish_reason=f or "length")  # type: ignore[arg-type]
+            for t, lp, f in zip(tokens, logprobs, finish)
+        ]
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy full HF-named tensors into the model; all names are checked before any copy."""
+        items = collect_named_tensors(named_tensors, self._expected_shapes, self._optional_names)
+        state = self.model.state_dict(keep_vars=True)
+        for name, tensor in items:
+            state[name].data.copy_(tensor.to(device=self.device))
+
+    def sleep(self) -> None:
+        """No-op: the embedded engine keeps its weights where they are."""
+
+    def wake_up(self) -> None:
+        """No-op (see :meth:`sleep`)."""
+
+    def close(self) -> None:
+        """Drop the model."""
+        self.model = None

