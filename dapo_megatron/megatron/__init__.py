@@ -1,0 +1,1 @@
+"""Megatron-Core integration: log-probs, loss, train step."""

@@ -1,0 +1,265 @@
+"""Vocab-parallel token log-probabilities and entropy, never materialising the full vocabulary.
+
+Under tensor parallelism (TP) Megatron's output layer leaves each rank of the TP group with a
+contiguous slice of the (padded) vocabulary: rank ``r`` of a group of size ``tp`` holds the logits
+of token ids ``[r * V_shard, (r + 1) * V_shard)``, ``V_shard = V_padded / tp``. For every position
+``n`` with target id ``t_n`` this module computes, over the *true* vocabulary ``V`` (ids ``>= V``
+are padding and are excluded)::
+
+    m_n      = max_j z_nj                                (all-reduce MAX)
+    S_n      = sum_j exp(z_nj - m_n)                     (all-reduce SUM)
+    lse_n    = m_n + log S_n
+    logp_n   = z_{n, t_n} - lse_n                        (z_{n,t_n}: all-reduce SUM of the masked gather)
+    p_nj     = exp(z_nj - lse_n)
+    H_n      = -sum_j p_nj log p_nj = lse_n - sum_j p_nj z_nj
+
+with three small all-reduces per call (one MAX of ``[N]``, one SUM of ``[3, N]``), whatever the
+chunking. Gradients (custom autograd function, exact)::
+
+    d logp_n / d z_nj = 1[j == t_n] - p_nj
+    d H_n    / d z_nj = -p_nj (z_nj - mu_n),             mu_n = sum_k p_nk z_nk
+
+so for upstream gradients ``g_n`` (log-probs) and ``h_n`` (entropy)::
+
+    dL/dz_nj = g_n 1[j == t_n] - p_nj (g_n + h_n (z_nj - mu_n))
+
+Each rank returns the gradient of its own shard only, equal to the full-vocabulary gradient
+restricted to that shard, with no scaling by the TP size (the convention of Megatron's
+vocab-parallel cross-entropy). Padded entries get a zero gradient.
+
+Memory. Nothing shard-sized is saved for the backward pass: only per-position scalars (``lse``,
+``mu``) plus a reference to the input logits, and ``p`` is recomputed chunk by chunk. The extra
+memory of forward + backward is therefore the gradient itself (one shard, input dtype) plus one
+fp32 work buffer of a chunk (two when the entropy receives a gradient, and one more for the bf16
+-> fp32 gradient staging). ``chunk_size`` bounds that work buffer; ``chunk_size=None`` processes
+all positions at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["vocab_parallel_log_probs"]
+
+
+def _group_rank_and_size(tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if tp_group is None:
+        return 0, 1
+    return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
+
+
+def _row_chunks(num_rows: int, chunk_size: int | None):
+    step = num_rows if chunk_size is None else chunk_size
+    for start in range(0, num_rows, max(step, 1)):
+        yield start, min(start + step, num_rows)
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    """Autograd function on flattened inputs: ``logits [N, V_shard]``, ``targets [N]``.
+
+    Returns ``(log_probs [N] fp32, entropy [N] fp32)``; the entropy is a zero-size tensor when not
+    requested (autograd functions must return tensors).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        tp_group: dist.ProcessGroup | None,
+        shard_start: int,
+        num_valid: int,
+        with_entropy: bool,
+        chunk_size: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_rows = logits.shape[0]
+        distributed = tp_group is not None and dist.get_world_size(group=tp_group) > 1
+        valid_logits = logits[:, :num_valid]  # a view: padding columns are simply never read
+
+        # Target logit: positions whose target lives on another shard contribute 0 to the SUM.
+        local_target = targets - shard_start
+        on_shard = (local_target >= 0) & (local_target < num_valid)
+        if num_valid > 0:
+            index = local_target.clamp(0, num_valid - 1).unsqueeze(1)
+            target_logit = valid_logits.gather(1, index).squeeze(1).float()
+            target_logit = torch.where(on_shard, target_logit, torch.zeros_like(target_logit))
+            # A reduction: no shard-sized temporary. Exact in bf16, cast afterwards.
+            row_max = valid_logits.amax(dim=1).float()
+        else:  # this rank holds only padding
+            target_logit = torch.zeros(num_rows, dtype=torch.float32, device=logits.device)
+            row_max = torch.full((num_rows,), -torch.inf, dtype=torch.float32, device=logits.device)
+        if distributed:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+
+        # sums[0] = S_n = sum_j exp(z - m); sums[1] = sum_j e log e = sum_j e (z - m); sums[2] = z_t
+        sums = torch.zeros(3, num_rows, dtype=torch.float32, device=logits.device)
+        sums[2] = target_logit
+        if num_valid > 0:
+            for begin, end in _row_chunks(num_rows, chunk_size):
+                # fp32 result for fp32 and bf16 inputs alike (type promotion with the fp32 max)
+                work = torch.sub(valid_logits[begin:end], row_max[begin:end, None])
+                work.exp_()
+                sums[0, begin:end] = work.sum(dim=1)
+                if with_entropy:
+                    # e * log(e) in place: recovers e * (z - m) without a second buffer and without
+                    # the cancellation of sum(e * z) - m * S; xlogy gives 0 where e underflows to 0.
+                    work.xlogy_(work)
+                    sums[1, begin:end] = work.sum(dim=1)
+                del work
+        if distributed:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=tp_group)
+
+        # Keep m and log S apart (rather than lse = m + log S): z - m is nearly exact for the large
+        # logits, so log p and p of the likely tokens keep their full fp32 precision.
+        log_sum = sums[0].log()
+        log_probs = (sums[2] - row_max) - log_sum
+        if with_entropy:
+            mean_shift = sums[1] / sums[0]  # mu - m = sum_j p_j (z_j - m)
+            entropy = log_sum - mean_shift
+        else:
+            mean_shift = torch.empty(0, dtype=torch.float32, device=logits.device)
+            entropy = torch.empty(0, dtype=torch.float32, device=logits.device)
+
+        ctx.save_for_backward(logits, targets, row_max, log_sum, mean_shift)
+        ctx.shard_start = shard_start
+        ctx.num_valid = num_valid
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*(() if with_entropy else (entropy,)))
+        return log_probs, entropy
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_log_probs: torch.Tensor | None, grad_entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        nones = (None,) * 6
+        if grad_entropy is not None and grad_entropy.numel() == 0:
+            grad_entropy = None
+        if (grad_log_probs is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
+            return (None, *nones)
+        logits, targets, row_max, log_sum, mean_shift = ctx.saved_tensors
+        num_valid = ctx.num_valid
+        num_rows = logits.shape[0]
+
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_logits[:, num_valid:].zero_()
+        write_in_place = logits.dtype == torch.float32
+
+        local_target = targets - ctx.shard_start
+        on_shard = (local_target >= 0) & (local_target < num_valid)
+
+        for begin, end in _row_chunks(num_rows, ctx.chunk_size):
+            if num_valid == 0:
+                break
+            z = logits[begin:end, :num_valid]
+            if write_in_place:
+                work = grad_logits[begin:end, :num_valid]
+            else:
+                work = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+            torch.sub(z, row_max[begin:end, None], out=work)  # z - m
+            if grad_entropy is not None:
+                probs = (work - log_sum[begin:end, None]).exp_()
+                # dL/dz = -p (g + h (z - mu)),  z - mu = (z - m) - (mu - m)
+                work.sub_(mean_shift[begin:end, None]).mul_(grad_entropy[begin:end, None])
+                if grad_log_probs is not None:
+                    work.add_(grad_log_probs[begin:end, None])
+                work.mul_(probs).neg_()
+                del probs
+            else:
+                # dL/dz = -g p = -(g / S) exp(z - m)
+                scale = -grad_log_probs[begin:end] * torch.exp(-log_sum[begin:end])
+                work.exp_().mul_(scale[:, None])
+            if grad_log_probs is not None:
+                rows = on_shard[begin:end].nonzero().squeeze(1)
+                cols = local_target[begin:end][rows]
+                work[rows, cols] += grad_log_probs[begin:end][rows]
+            if not write_in_place:
+                grad_logits[begin:end, :num_valid].copy_(work)
+            del work
+        return (grad_logits, *nones)
+
+
+def vocab_parallel_log_probs(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of the target token (and optionally the entropy) from vocab-sharded logits.
+
+    Args:
+        logits: ``[..., V_shard]``, fp32 or bf16: this rank's contiguous slice of the (padded)
+            vocabulary, covering ids ``[rank * V_shard, (rank + 1) * V_shard)`` with ``rank`` the
+            rank in ``tp_group``. Any leading dims (``[B, T]``, ``[T, B]``, ``[N]``).
+        target_ids: ``[...]`` integer, same leading dims as ``logits``: *global* token ids in
+            ``[0, vocab_size)``. Out-of-range ids (including ignore markers such as ``-100``) raise
+            ``ValueError``; replace them by any valid id and mask the result instead.
+        tp_group: the tensor-parallel group over which the vocabulary is split. ``None`` means no
+            tensor parallelism: ``logits`` hold the whole vocabulary and ``torch.distributed`` is
+            not touched at all.
+        with_entropy: also return the entropy ``H = -sum_j p_j log p_j`` of each position.
+        chunk_size: process the flattened positions in chunks of this many rows, in forward and
+            backward, bounding the fp32 work buffer to ``chunk_size * V_shard`` elements. ``None``:
+            all positions at once. Results do not depend on it.
+        vocab_size: the true vocabulary size before padding to a multiple of the TP size. Ids
+            ``>= vocab_size`` are padding: excluded from the softmax (as if their logit were
+            ``-inf``) and from the entropy, and given a zero gradient. ``None``: no padding, the
+            vocabulary is ``V_shard * tp``.
+
+    Returns:
+        ``(log_probs, entropy)``, both ``[...]`` (the leading dims) in fp32; ``entropy`` is
+        ``None`` unless ``with_entropy``. Both are differentiable with respect to ``logits``; the
+        gradient of each rank's shard is the full-vocabulary gradient restricted to the shard
+        (no scaling by the TP size). The computation is in fp32 whatever the input dtype.
+
+    The equations and the memory layout are in the module docstring. Three all-reduces of
+    ``O(N)`` floats per call, none in the backward pass.
+    """
+    if logits.dim() < 1:
+        raise ValueError(f"logits must have a vocabulary dimension, got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"logits must be fp32, bf16 or fp16, got {logits.dtype}")
+    if target_ids.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"target_ids shape {tuple(target_ids.shape)} must equal the leading dims of logits "
+            f"{tuple(logits.shape[:-1])} (logits shape {tuple(logits.shape)})"
+        )
+    if target_ids.dtype.is_floating_point or target_ids.dtype == torch.bool:
+        raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+
+    rank, tp_size = _group_rank_and_size(tp_group)
+    shard_size = logits.shape[-1]
+    padded_vocab = shard_size * tp_size
+    if vocab_size is None:
+        vocab_size = padded_vocab
+    if not 0 < vocab_size <= padded_vocab:
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in (0, V_shard * tp] = (0, {padded_vocab}] "
+            f"(V_shard={shard_size}, tp={tp_size})"
+        )
+    if target_ids.numel() > 0:
+        # One host sync; catches silent garbage (an off-shard id on every rank gives z_t = 0).
+        low, high = torch.stack([target_ids.min(), target_ids.max()]).tolist()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"target_ids must lie in [0, vocab_size={vocab_size}), got values in [{low}, {high}]"
+            )
+
+    shard_start = rank * shard_size
+    num_valid = max(0, min(shard_size, vocab_size - shard_start))
+    leading_shape = target_ids.shape
+    flat_logits = logits.reshape(-1, shard_size)
+    flat_targets = target_ids.reshape(-1).long()
+    log_probs, entropy = _VocabParallelLogProbs.apply(
+        flat_logits, flat_targets, tp_group, shard_start, num_valid, with_entropy, chunk_size
+    )
+    log_probs = log_probs.view(leading_shape)
+    return log_probs, (entropy.view(leading_shape) if with_entropy else None)
