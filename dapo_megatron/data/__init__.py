@@ -1,0 +1,1 @@
+"""Prompt data: DAPO-Math-17k schema loading/tokenisation, the resumable sampler, the demo task."""
