@@ -239,8 +239,8 @@ class DataConfig(_Section):
     max_prompt_length: int = _f(2048, "Maximum prompt length in tokens (after the chat template).")
     truncation: Literal["filter", "error", "left", "right"] = _f(
         "filter",
-        "Prompts over max_prompt_length: filter (drop, with a logged count), error, or truncate "
-        "keeping the left/right part.",
+        "Prompts over max_prompt_length: filter (drop, with a logged count), error, left (drop the "
+        "start, keep the last tokens) or right (keep the first tokens).",
     )
     apply_chat_template: bool = _f(
         True,
