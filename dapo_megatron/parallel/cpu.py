@@ -69,8 +69,8 @@ def enable_cpu_megatron() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    torch.cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    # Not torch.manual_seed: it calls torch.cuda.manual_seed_all, which must stay untouched.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
 
     from megatron.core.tensor_parallel import random as mp_random
 

@@ -1,0 +1,75 @@
+"""Lazy, validated reading of a Hugging Face safetensors checkpoint (single file or sharded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class HFCheckpointReader:
+    """Name -> tensor access to ``hf_dir`` without loading the whole checkpoint.
+
+    Tensors are read one at a time from memory-mapped safetensors files. Missing or truncated
+    shard files raise errors that name the file.
+    """
+
+    def __init__(self, hf_dir: str | Path):
+        self.hf_dir = Path(hf_dir)
+        if not self.hf_dir.is_dir():
+            raise FileNotFoundError(f"HF model directory {self.hf_dir} does not exist")
+        index = self.hf_dir / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a valid safetensors index ({e})") from e
+            self._file_of = {name: self.hf_dir / fname for name, fname in weight_map.items()}
+        elif (self.hf_dir / SINGLE_FILE).exists():
+            self._file_of = None
+        else:
+            raise FileNotFoundError(f"{self.hf_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
+        self._handles: dict[Path, object] = {}
+        if self._file_of is None:
+            path = self.hf_dir / SINGLE_FILE
+            self._file_of = {name: path for name in self._open(path).keys()}
+        for path in sorted(set(self._file_of.values())):
+            if not path.exists():
+                raise FileNotFoundError(f"checkpoint shard {path} listed in {INDEX_FILE} is missing")
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise ValueError(f"cannot read safetensors file {path}: {e} (truncated or corrupt?)") from e
+        return self._handles[path]
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def files(self) -> list[Path]:
+        return sorted(set(self._file_of.values()))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def file_of(self, name: str) -> Path:
+        return self._file_of[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise KeyError(f"tensor {name!r} is missing from the HF checkpoint in {self.hf_dir}")
+        path = self._file_of[name]
+        try:
+            return self._open(path).get_tensor(name)
+        except Exception as e:
+            raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from e
+
+    def close(self) -> None:
+        self._handles.clear()

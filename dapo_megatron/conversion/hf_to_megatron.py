@@ -1,0 +1,62 @@
+"""Load a Hugging Face checkpoint into this rank's shard of a Megatron-Core ``GPTModel``, in memory."""
+
+from __future__ import annotations
+
+import torch
+
+from dapo_megatron.conversion.hf_io import HFCheckpointReader
+from dapo_megatron.conversion.names import shift_layer, stage_layer_offset, unwrap_model
+from dapo_megatron.conversion.tables import NameResolver, mappings_for
+from dapo_megatron.conversion.transforms import ShardContext
+from dapo_megatron.models.builder import have_transformer_engine
+from dapo_megatron.models.hf_arch import ModelArch
+
+
+def check_hf_names(reader: HFCheckpointReader, arch: ModelArch, resolver: NameResolver) -> None:
+    """Every tensor in the checkpoint must be one the table knows (no silently dropped weights)."""
+    unknown = [n for n in reader.names() if not resolver.hf_known(n, arch.num_layers)]
+    if arch.tie_word_embeddings:
+        # Some tied checkpoints still store lm_head.weight; it must then equal the embedding.
+        unknown = [n for n in unknown if n != "lm_head.weight"]
+    if unknown:
+        raise ValueError(
+            f"HF checkpoint {reader.hf_dir} has {len(unknown)} tensor(s) with no conversion mapping for "
+            f"{arch.family}: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+        )
+
+
+@torch.no_grad()
+def load_hf_into_megatron(
+    model, arch: ModelArch, hf_dir_or_reader, *, tp_rank: int, tp_size: int, padded_vocab_size: int
+) -> int:
+    """Copy HF weights into every parameter of ``model`` (this rank's TP shard and PP stage).
+
+    Returns the number of parameters loaded. Raises ``ValueError``/``KeyError`` naming the tensor
+    for missing, unmapped or wrongly shaped weights.
+    """
+    reader = (
+        hf_dir_or_reader
+        if isinstance(hf_dir_or_reader, HFCheckpointReader)
+        else HFCheckpointReader(hf_dir_or_reader)
+    )
+    model = unwrap_model(model)
+    resolver = NameResolver(mappings_for(arch, transformer_engine=have_transformer_engine()))
+    check_hf_names(reader, arch, resolver)
+    ctx = ShardContext(arch=arch, tp_rank=tp_rank, tp_size=tp_size, padded_vocab_size=padded_vocab_size)
+    offset = stage_layer_offset(model)
+    loaded = 0
+    for local_name, param in model.named_parameters():
+        name = shift_layer(local_name, offset)
+        row, layer = resolver.megatron(name)
+        hf_names = row.hf_names(layer)
+        tensors = [reader.get(n) for n in hf_names]
+        row.transform.check(hf_names, tensors, ctx)
+        shard = row.transform.to_shard(hf_names, tensors, ctx)
+        if tuple(shard.shape) != tuple(param.shape):
+            raise ValueError(
+                f"HF tensor(s) {list(hf_names)} give shape {tuple(shard.shape)} for Megatron parameter "
+                f"{name!r}, which has shape {tuple(param.shape)} (config/weight mismatch?)"
+            )
+        param.copy_(shard.to(param.dtype))
+        loaded += 1
+    return loaded

@@ -1,0 +1,87 @@
+"""Run micro-batches through Megatron-Core's own pipeline schedule.
+
+``run_microbatches`` is the single entry point used for training (forward + backward) and for
+no-grad passes (old log-probs, evaluation). Each micro-batch is a dict of CPU/GPU tensors with at
+least ``input_ids [b, s]``; sequences are right-padded and attention is causal, so padding never
+affects a valid position and no attention mask is needed.
+
+``loss_fn(micro_batch, logits)`` is called on the last pipeline stage with this rank's vocab shard
+of the logits ``[b, s, V/tp]``. For training it must return Megatron's 3-tuple
+``(loss_sum, num_tokens, report)`` (``config.calculate_per_token_loss`` is on, so Megatron divides
+the gradients by the token count summed over all micro-batches and data-parallel ranks). For
+``forward_only=True`` it may return anything; the per-micro-batch results are returned in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+
+
+def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int, pad_values: dict[str, Any] | None = None):
+    """Right-pad every ``[b, s, ...]`` tensor of ``batch`` so ``s`` is a multiple of ``multiple``
+    (sequence parallelism splits the sequence over TP ranks)."""
+    seq = batch["input_ids"].shape[1]
+    extra = (-seq) % multiple
+    if not extra:
+        return batch
+    pad_values = pad_values or {}
+    out = {}
+    for key, t in batch.items():
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == seq:
+            pad = t.new_full((t.shape[0], extra, *t.shape[2:]), pad_values.get(key, 0))
+            out[key] = torch.cat([t, pad], dim=1)
+        else:
+            out[key] = t
+    return out
+
+
+def _forward_step(loss_fn, data_iterator, model):
+    mb = next(data_iterator)
+    input_ids = mb["input_ids"]
+    position_ids = mb.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    output = model(input_ids, position_ids, attention_mask=None)
+    return output, partial(_loss_adapter, loss_fn, mb)
+
+
+def _loss_adapter(loss_fn, mb, output, non_loss_data: bool = False):
+    return loss_fn(mb, output)
+
+
+def run_microbatches(
+    model,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    loss_fn: Callable[[dict, torch.Tensor], Any],
+    *,
+    forward_only: bool,
+    sequence_parallel_multiple: int = 1,
+) -> list[Any]:
+    """Run ``micro_batches`` through the Megatron schedule for this model's layout.
+
+    Every rank of a pipeline/tensor group must pass the same micro-batch shapes. Returns the list
+    of ``loss_fn`` results (last pipeline stage only; other stages get ``[]``).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        raise ValueError("run_microbatches: micro_batches is empty")
+    if sequence_parallel_multiple > 1:
+        micro_batches = [pad_to_multiple(mb, sequence_parallel_multiple) for mb in micro_batches]
+    seq_length = max(mb["input_ids"].shape[1] for mb in micro_batches)
+    micro_batch_size = max(mb["input_ids"].shape[0] for mb in micro_batches)
+    forward_backward = get_forward_backward_func()
+    return forward_backward(
+        forward_step_func=partial(_forward_step, loss_fn),
+        data_iterator=iter(micro_batches),
+        model=[model] if not isinstance(model, list) else model,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+        collect_non_loss_data=forward_only,
+    )
