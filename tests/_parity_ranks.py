@@ -44,7 +44,7 @@ def logits_by_layout(rank, world_size, hf_dirs, tp, pp, sp, input_ids, seqs_per_
         ]
         seq = input_ids.shape[1]
 
-        def collect(mb, logits):
+        def collect(mb, logits, seq=seq, vocab=vocab):
             full = gather_tp_logits(logits)[:, :seq, :vocab]
             return {int(i): full[j] for j, i in enumerate(mb["index"])}
 

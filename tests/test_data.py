@@ -12,7 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from dapo_megatron.data.demo_task import make_demo_rows, write_demo_dataset, write_rows
-from dapo_megatron.data.prompts import PromptDataset, format_prompt, load_prompt_dataset, load_prompt_records
+from dapo_megatron.config import DataConfig
+from dapo_megatron.data.prompts import (
+    PromptDataset,
+    dataset_from_config,
+    format_prompt,
+    load_prompt_dataset,
+    load_prompt_records,
+)
 from dapo_megatron.data.sampler import EpochSampler
 from dapo_megatron.rewards.math import compute_score
 
@@ -250,6 +257,36 @@ def test_overlong_prompts_filter_truncate_error(tmp_path, plain_tokenizer, caplo
         load_prompt_dataset(path, plain_tokenizer, max_prompt_length=1, apply_chat_template=False)
     assert len(load_prompt_dataset(path, plain_tokenizer, 64, apply_chat_template=False, max_prompts=2)) == 2
     assert isinstance(ds, PromptDataset)
+
+
+def test_make_demo_data_tool_and_dataset_from_config(tmp_path, plain_tokenizer):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "demo"
+    cmd = [sys.executable, str(repo / "tools" / "make_demo_data.py"), "--out", str(out)]
+    proc = subprocess.run(
+        cmd + ["--num-train", "12", "--num-val", "4", "--formats", "jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["train.jsonl", "val.jsonl"]
+    assert [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()] == make_demo_rows(
+        12, seed=0
+    )
+    cfg = DataConfig(
+        train_files=[str(out / "train.jsonl")],
+        val_files=str(out / "val.jsonl"),
+        apply_chat_template=False,
+        val_max_prompts=3,
+    )
+    assert len(dataset_from_config(cfg, plain_tokenizer)) == 12
+    assert len(dataset_from_config(cfg, plain_tokenizer, split="val")) == 3
+    bad = subprocess.run(cmd + ["--formats", "csv"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--formats must be parquet and/or jsonl" in bad.stderr
 
 
 # ---------------------------------------------------------------------------- sampler

@@ -145,6 +145,16 @@ def test_pool_survives_hangs_errors_and_crashes():
         pool.compute(["7"], ["7"])
 
 
+def test_pool_from_config():
+    from dapo_megatron.config import RewardConfig
+
+    cfg = RewardConfig(reward_fn="_reward_test_fns:exact", num_workers=0, failure_score=-2.0)
+    with RewardPool.from_config(cfg) as pool:
+        results, stats = pool.compute(["a", "b"], ["a", "a"], extra_kwargs=[{}, {"unexpected": 1}])
+    assert [r["score"] for r in results] == [1.0, -2.0]  # the TypeError counts as an error
+    assert stats.num_errors == 1
+
+
 def test_pool_rejects_mismatched_lengths():
     with (
         RewardPool(_reward_test_fns.exact, num_workers=0) as pool,

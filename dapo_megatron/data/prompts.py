@@ -24,6 +24,7 @@ __all__ = [
     "PromptRecord",
     "TokenizedPrompt",
     "format_prompt",
+    "dataset_from_config",
     "load_prompt_dataset",
     "load_prompt_records",
 ]
@@ -255,3 +256,21 @@ def load_prompt_dataset(
     if max_prompts is not None:
         records = records[:max_prompts]
     return PromptDataset(records, tokenizer, max_prompt_length, apply_chat_template, truncation)
+
+
+def dataset_from_config(
+    data_cfg: Any, tokenizer: Any, split: Literal["train", "val"] = "train"
+) -> PromptDataset:
+    """:func:`load_prompt_dataset` with the settings of a ``DataConfig`` (``train_files`` or ``val_files``)."""
+    files = data_cfg.train_files if split == "train" else data_cfg.val_files
+    if not files:
+        raise ValueError(f"data.{split}_files is empty")
+    return load_prompt_dataset(
+        files,
+        tokenizer,
+        max_prompt_length=data_cfg.max_prompt_length,
+        prompt_key=data_cfg.prompt_key,
+        apply_chat_template=data_cfg.apply_chat_template,
+        truncation=data_cfg.truncation,
+        max_prompts=data_cfg.val_max_prompts if split == "val" else None,
+    )

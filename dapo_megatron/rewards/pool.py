@@ -190,6 +190,16 @@ class RewardPool:
         if self._workers:
             self._wait_ready(self._workers)
 
+    @classmethod
+    def from_config(cls, reward_cfg: Any) -> RewardPool:
+        """A pool from a ``RewardConfig`` (``reward_fn``, ``num_workers``, ``timeout_s``, ``failure_score``)."""
+        return cls(
+            reward_cfg.reward_fn,
+            num_workers=reward_cfg.num_workers,
+            timeout_s=reward_cfg.timeout_s,
+            failure_score=reward_cfg.failure_score,
+        )
+
     # -- worker management --------------------------------------------------------------------
 
     def _wait_ready(self, workers: list[_Worker]) -> None:

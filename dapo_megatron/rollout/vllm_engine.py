@@ -73,7 +73,7 @@ class VLLMEngine:
         dtype: ``"float32"`` (default; exact log-probs), ``"bfloat16"`` or ``"float16"``.
         seed: vLLM's global seed, used by requests whose ``SamplingConfig.seed`` is ``None``.
         max_model_len: cap on prompt + response tokens (default: ``max_position_embeddings``).
-        kv_cache_gib: KV-cache size of the CPU build (``VLLM_CPU_KVCACHE_SPACE``) if not already set.
+        kv_cache_gib: KV-cache size in whole GiB of the CPU build (``VLLM_CPU_KVCACHE_SPACE``) if not already set.
         enable_sleep_mode: GPU only: allow :meth:`sleep` to free weights and KV cache.
         sleep_level: GPU only: vLLM sleep level (1 offloads weights to host memory).
         **llm_kwargs: any other ``vllm.LLM`` keyword (e.g. ``gpu_memory_utilization``,
@@ -87,7 +87,7 @@ class VLLMEngine:
         dtype: str = "float32",
         seed: int = 0,
         max_model_len: int | None = None,
-        kv_cache_gib: float = 1.0,
+        kv_cache_gib: int = 1,
         enable_sleep_mode: bool = False,
         sleep_level: int = 1,
         **llm_kwargs,
@@ -102,7 +102,7 @@ class VLLMEngine:
                 "VLLM_ENABLE_V1_MULTIPROCESSING must be 0 (in-process engine) for in-memory update_weights"
             )
         if build == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
         vllm = import_vllm()
 
         self.model_dir = Path(model_dir)
@@ -137,34 +137,35 @@ class VLLMEngine:
         check_generate_inputs(prompt_token_ids, n, sampling, self.facts)
         # Without a tokenizer vLLM knows no EOS id, so EOS goes into the stop ids explicitly.
         stop_ids = sorted(set(self.facts.eos_token_ids) | set(sampling.stop_token_ids))
-        params = []
-        for i in range(len(prompt_token_ids)):
+        # vLLM rejects n > 1 with greedy decoding; greedy samples are identical, so send n copies.
+        copies, per_request_n = (n, 1) if sampling.greedy else (1, n)
+        prompts, params = [], []
+        for i, prompt in enumerate(prompt_token_ids):
             # vLLM gives child j of a seeded request the seed `seed + j`: that is derive_seed(i, j).
             seed = None if sampling.seed is None else derive_seed(sampling.seed, i, 0, n)
-            params.append(
-                SamplingParams(
-                    n=n,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    top_k=sampling.top_k,
-                    max_tokens=sampling.max_new_tokens,
-                    stop_token_ids=stop_ids,
-                    seed=seed,
-                    logprobs=0,
-                    detokenize=False,
-                )
+            request = SamplingParams(
+                n=per_request_n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_tokens=sampling.max_new_tokens,
+                stop_token_ids=stop_ids,
+                seed=seed,
+                logprobs=0,
+                detokenize=False,
             )
-        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
+            prompts += [TokensPrompt(prompt_token_ids=list(prompt))] * copies
+            params += [request] * copies
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for out in outputs:
-            responses = []
+        results: list[list[Response]] = [[] for _ in prompt_token_ids]
+        for k, out in enumerate(outputs):
             for completion in sorted(out.outputs, key=lambda c: c.index):
                 token_ids = list(completion.token_ids)
                 logprobs = [float(step[tok].logprob) for step, tok in zip(completion.logprobs, token_ids)]
                 reason = "stop" if completion.finish_reason == "stop" else "length"
-                responses.append(Response(token_ids=token_ids, logprobs=logprobs, finish_reason=reason))
-            results.append(responses)
+                results[k // copies].append(
+                    Response(token_ids=token_ids, logprobs=logprobs, finish_reason=reason)
+                )
         return results
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
