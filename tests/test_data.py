@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dapo_megatron.data.demo_task import make_demo_rows, write_demo_dataset, write_rows
 from dapo_megatron.config import DataConfig
+from dapo_megatron.data.demo_task import make_demo_rows, write_demo_dataset, write_rows
 from dapo_megatron.data.prompts import (
     PromptDataset,
     dataset_from_config,
