@@ -71,3 +71,28 @@ def load_error(rank, world_size, hf_dir):
     except (ValueError, KeyError, FileNotFoundError) as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def export_roundtrip(rank, world_size, hf_dirs, tp, pp):
+    """Load each HF dir at (tp, pp) and export it back to HF tensors; rank 0 returns them."""
+    from megatron.core import parallel_state as ps
+
+    from dapo_megatron.conversion.megatron_to_hf import export_hf_state_dict
+    from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
+    from dapo_megatron.models import ParallelLayout
+
+    layout = ParallelLayout(tp=tp, pp=pp)
+    initialize_parallel(layout)
+    out = {}
+    for arch_name, hf_dir in hf_dirs.items():
+        loaded = build_model_from_hf(hf_dir, layout)
+        sd = export_hf_state_dict(
+            loaded.model,
+            loaded.arch,
+            padded_vocab_size=loaded.padded_vocab_size,
+            tp_group=ps.get_tensor_model_parallel_group(),
+            pp_group=ps.get_pipeline_model_parallel_group(),
+            bucket_bytes=64 * 1024,  # small buckets: exercise bucket boundaries
+        )
+        out[arch_name] = sd
+    return out if rank == 0 else sorted(out["llama"])

