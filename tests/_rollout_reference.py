@@ -84,3 +84,13 @@ def transformers_greedy(model, prompt, max_new_tokens: int, eos_ids=(2,)) -> lis
         if tok in eos_ids:
             return out[: t + 1]
     return out
+
+
+def make_tied_pair(root):
+    """Two different random tiny Qwen2 models with tied embeddings (no ``lm_head.weight`` on disk)."""
+    from dapo_megatron.testing.tiny_models import make_tiny_hf_model
+
+    dir_a, dir_b = root / "tied_a", root / "tied_b"
+    make_tiny_hf_model("qwen2-tied", dir_a, seed=2, hidden_size=128)
+    make_tiny_hf_model("qwen2-tied", dir_b, seed=3, hidden_size=128)
+    return str(dir_a), str(dir_b)

@@ -14,6 +14,7 @@ from tests._rollout_reference import (
     load_hf,
     long_prompts,
     make_model_pair,
+    make_tied_pair,
     max_logprob_diff,
     transformers_greedy,
 )
@@ -219,3 +220,17 @@ def test_vllm_missing_names_the_extra(model_dirs, monkeypatch):
 def test_response_checks_lengths():
     with pytest.raises(ValueError, match="logprobs has 1 entries"):
         Response(token_ids=[1, 2], logprobs=[0.0], finish_reason="stop")
+
+
+@pytest.mark.parametrize("with_lm_head", [True, False])
+def test_update_weights_tied_embeddings(tmp_path, with_lm_head):
+    dir_a, dir_b = make_tied_pair(tmp_path)
+    model_b = load_hf(dir_b)
+    named = [(k, v) for k, v in model_b.state_dict().items() if with_lm_head or k != "lm_head.weight"]
+    assert any(k == "lm_head.weight" for k, _ in named) == with_lm_head
+    eng = create_engine("hf", dir_a)
+    eng.update_weights(named)
+    prompts = long_prompts(9, lens=(40,))
+    out = eng.generate(prompts, 1, SamplingConfig(temperature=0.0, max_new_tokens=8))
+    assert out[0][0].token_ids == transformers_greedy(model_b, prompts[0], 8)
+    assert max_logprob_diff(model_b, prompts, out, temperature=0.0) <= TOL

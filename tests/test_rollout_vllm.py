@@ -18,6 +18,7 @@ from tests._rollout_reference import (  # noqa: E402
     load_hf,
     long_prompts,
     make_model_pair,
+    make_tied_pair,
     max_logprob_diff,
     transformers_greedy,
 )
@@ -193,3 +194,20 @@ def test_gpu_sleep_mode_round_trip(model_dirs, models):  # pragma: no cover - ne
     out = eng.generate(prompt, 1, greedy)
     assert out[0][0].token_ids == transformers_greedy(models[1], prompt[0], 8)
     eng.close()
+
+
+def test_update_weights_tied_embeddings(tmp_path):
+    """Tied Qwen2: the export may or may not include ``lm_head.weight``; both must work."""
+    dir_a, dir_b = make_tied_pair(tmp_path)
+    model_b = load_hf(dir_b)
+    eng = create_engine("vllm", dir_a)
+    try:
+        prompts = long_prompts(11, lens=(300,))
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
+        eng.generate(prompts, 1, greedy)
+        eng.update_weights(model_b.state_dict().items())
+        out = eng.generate(prompts, 1, greedy)
+        assert out[0][0].token_ids == transformers_greedy(model_b, prompts[0], 8)
+        assert max_logprob_diff(model_b, prompts, out, temperature=0.0) <= TOL
+    finally:
+        eng.close()
