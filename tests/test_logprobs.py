@@ -22,6 +22,8 @@ from dapo_megatron.testing.distributed import run_on_ranks
 FP32_VALUE_ATOL = 5e-6  # log-probs (magnitude <= ~40: a few fp32 ulps) and entropy
 FP32_GRAD_ATOL = 3e-6  # gradients of the logits (magnitude <= ~4), fp32
 BF16_GRAD_RTOL = 2.0**-8  # bf16 gradient: one rounding of an fp32-accurate value (half ulp 2^-9)
+FP16_GRAD_RTOL = 2.0**-10  # fp16 gradient: half ulp 2^-11 ...
+FP16_GRAD_FLOOR = 2.0**-14  # ... relative to max(|ref|, 2^-14): fp16 is subnormal below 2^-14
 CHUNK_ATOL = 1e-6  # chunked vs unchunked (the per-row arithmetic is the same)
 
 SHAPE = (2, 7)  # leading dims [B, T]
@@ -72,6 +74,7 @@ CASES = {
     "fp32_padding_only_shard": (700, 1200, torch.float32, True, True, True, 4),
     "bf16": (1003, 1008, torch.bfloat16, True, True, True, None),
     "bf16_chunked": (1003, 1008, torch.bfloat16, True, True, True, 5),
+    "fp16": (1003, 1008, torch.float16, True, True, True, None),
 }
 
 
@@ -121,9 +124,10 @@ def check_case(name: str, seed: int, per_rank: list[tuple]) -> dict[str, float]:
     grad = torch.cat([g for _, _, g in per_rank], dim=-1)
     assert grad.shape == ref_grad.shape
     assert torch.all(grad[..., vocab_size:] == 0), f"{name}: padding columns got a gradient"
-    if dtype == torch.bfloat16:
-        # scale-aware: bf16 keeps 8 significant bits
-        errors["grad_rel"] = ((grad - ref_grad).abs() / (ref_grad.abs() + 1e-6)).max().item()
+    if dtype != torch.float32:
+        # scale-aware: bf16 keeps 8 significant bits, fp16 11
+        floor = 1e-6 if dtype == torch.bfloat16 else FP16_GRAD_FLOOR
+        errors["grad_rel"] = ((grad - ref_grad).abs() / ref_grad.abs().clamp_min(floor)).max().item()
     else:
         errors["grad"] = (grad - ref_grad).abs().max().item()
     return errors
@@ -133,7 +137,7 @@ def assert_errors(name: str, errors: dict[str, float]) -> None:
     dtype = CASES[name][2]
     for key, err in errors.items():
         if key == "grad_rel":
-            tol = BF16_GRAD_RTOL
+            tol = BF16_GRAD_RTOL if dtype == torch.bfloat16 else FP16_GRAD_RTOL
         elif key == "grad":
             tol = FP32_GRAD_ATOL
         else:
