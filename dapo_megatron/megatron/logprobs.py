@@ -152,6 +152,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
 
         local_target = targets - ctx.shard_start
         on_shard = (local_target >= 0) & (local_target < num_valid)
+        target_index = local_target.clamp(0, max(num_valid - 1, 0)).unsqueeze(1)
+        if grad_log_probs is not None:  # the one-hot term, zero where the target is on another shard
+            one_hot_grad = torch.where(on_shard, grad_log_probs, torch.zeros_like(grad_log_probs))
 
         for begin, end in _row_chunks(num_rows, ctx.chunk_size):
             if num_valid == 0:
@@ -175,9 +178,8 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                 scale = -grad_log_probs[begin:end] * torch.exp(-log_sum[begin:end])
                 work.exp_().mul_(scale[:, None])
             if grad_log_probs is not None:
-                rows = on_shard[begin:end].nonzero().squeeze(1)
-                cols = local_target[begin:end][rows]
-                work[rows, cols] += grad_log_probs[begin:end][rows]
+                # scatter_add rather than boolean indexing: no host sync on GPU
+                work.scatter_add_(1, target_index[begin:end], one_hot_grad[begin:end, None])
             if not write_in_place:
                 grad_logits[begin:end, :num_valid].copy_(work)
             del work
