@@ -11,6 +11,7 @@ not finish within ``timeout`` seconds fails the call instead of hanging the test
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -44,7 +45,9 @@ def _rank_main(rank, world_size, port, fn, args, results, threads):
         enable_cpu_megatron()
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        results.put((rank, True, out))
+        # Plain pickle (bytes), not torch's shared-memory tensor passing: this process exits
+        # right after, before the parent would have mapped the shared storage.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -95,7 +98,7 @@ def run_on_ranks(
                     ) from None
                 continue
             if ok:
-                outputs[rank] = payload
+                outputs[rank] = pickle.loads(payload)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break  # one failure is enough; the others may be stuck in a collective

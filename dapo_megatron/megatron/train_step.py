@@ -1,0 +1,176 @@
+"""One DAPO policy update on a Megatron-Core model: old log-probs, then mini-batch updates.
+
+:class:`PolicyTrainer` owns the (DDP-wrapped) model, the optimizer and the scheduler. It never
+computes the loss itself (:mod:`dapo_megatron.megatron.loss` does) and never decides what to
+train on (the trainer loop does).
+
+Batch format: a dict of tensors over the *global* batch of ``N`` sequences, identical on every
+rank: ``input_ids [N, S]`` (prompt + response, right-padded), ``seq_lengths [N]``,
+``response_mask [N, S]``, ``advantages [N, S]``, optionally ``rollout_log_probs``,
+``ref_log_probs``, ``token_weights`` ``[N, S]``. Sequence ``i`` belongs to data-parallel rank
+``i % dp`` (in :meth:`compute_log_probs` and in every mini-batch), so log-probs computed for a
+sequence stay on the rank that trains on it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from dapo_megatron.megatron.loss import LossSettings, dapo_loss, token_log_probs
+from dapo_megatron.megatron.metrics import reduce_reports, summarize_loss_metrics
+from dapo_megatron.megatron.schedule import run_microbatches
+
+LOSS_REPORT_KEYS = (
+    "loss_sum",
+    "loss_count",
+    "tokens",
+    "pg_loss_sum",
+    "entropy_sum",
+    "approx_kl_sum",
+    "clipfrac_low_sum",
+    "clipfrac_high_sum",
+    "clipfrac_dual_sum",
+    "ratio_sum",
+    "ratio_max",
+    "sequences",
+    "response_length_sum",
+    "response_length_max",
+)
+
+
+def make_microbatches(
+    batch: dict[str, torch.Tensor], indices: list[int], micro_batch_size: int
+) -> list[dict]:
+    """Slice ``indices`` of the global batch into micro-batches, each trimmed to its longest
+    sequence (less padding to compute on)."""
+    out = []
+    for start in range(0, len(indices), micro_batch_size):
+        idx = torch.tensor(indices[start : start + micro_batch_size], dtype=torch.long)
+        width = int(batch["seq_lengths"][idx].max())
+        mb = {"index": idx}
+        for key, t in batch.items():
+            if key == "seq_lengths":
+                mb[key] = t[idx]
+            elif t.dim() >= 2:
+                mb[key] = t[idx, :width]
+        out.append(mb)
+    return out
+
+
+class PolicyTrainer:
+    """Megatron-side half of DAPO: log-probs and clipped-surrogate updates on a sharded model."""
+
+    def __init__(
+        self,
+        loaded,
+        optimizer,
+        scheduler,
+        loss_settings: LossSettings,
+        *,
+        micro_batch_size: int,
+        log_prob_micro_batch_size: int | None = None,
+    ):
+        from megatron.core import parallel_state as ps
+
+        self.loaded = loaded
+        self.model = loaded.model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_settings = loss_settings
+        self.micro_batch_size = micro_batch_size
+        self.log_prob_micro_batch_size = log_prob_micro_batch_size or micro_batch_size
+        self.tp_group = (
+            ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        )
+        self.dp = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        # The rank whose loss reports count: last stage, TP rank 0 (TP ranks report the same values).
+        self.reports_metrics = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        self.sp_multiple = loaded.layout.tp if loaded.layout.sp else 1
+
+    def _my_indices(self, indices: range | list[int]) -> list[int]:
+        return [i for i in indices if i % self.dp == self.dp_rank]
+
+    @torch.no_grad()
+    def compute_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log-probs ``[N, S]`` of every token under the current weights (no grad).
+
+        Filled for this data-parallel rank's sequences on the last pipeline stage, zeros elsewhere:
+        exactly where :meth:`update` needs them.
+        """
+        self.model.eval()
+        n, s = batch["input_ids"].shape
+        out = torch.zeros(n, s, dtype=torch.float32)
+        mbs = make_microbatches(
+            {"input_ids": batch["input_ids"], "seq_lengths": batch["seq_lengths"]},
+            self._my_indices(range(n)),
+            self.log_prob_micro_batch_size,
+        )
+        if not mbs:
+            return out
+        vocab = self.loaded.arch.vocab_size
+
+        def collect(mb, logits):
+            width = mb["input_ids"].shape[1]
+            logp, _ = token_log_probs(
+                logits[:, :width],
+                mb["input_ids"],
+                tp_group=self.tp_group,
+                vocab_size=vocab,
+                chunk_size=self.loss_settings.logprob_chunk_size,
+            )
+            return mb["index"], logp.float().cpu()
+
+        for idx, logp in run_microbatches(
+            self.model, mbs, collect, forward_only=True, sequence_parallel_multiple=self.sp_multiple
+        ):
+            out[idx, : logp.shape[1]] = logp
+        return out
+
+    def update(
+        self, batch: dict[str, torch.Tensor], *, mini_batch_size: int, epochs: int = 1
+    ) -> dict[str, float]:
+        """``epochs`` passes of mini-batch updates over ``batch``; one optimizer step per mini-batch,
+        each normalised by its own global token count. Advances the LR schedule by one step."""
+        n = batch["input_ids"].shape[0]
+        if n % mini_batch_size:
+            raise ValueError(f"batch of {n} sequences is not divisible by mini_batch_size={mini_batch_size}")
+        if mini_batch_size % self.dp:
+            raise ValueError(
+                f"mini_batch_size={mini_batch_size} sequences must be divisible by the data-parallel size {self.dp}"
+            )
+        if "old_log_probs" not in batch:
+            raise ValueError("batch needs old_log_probs (call compute_log_probs first)")
+        self.model.train()
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_fn = partial(
+            dapo_loss,
+            settings=self.loss_settings,
+            tp_group=self.tp_group,
+            vocab_size=self.loaded.arch.vocab_size,
+        )
+        reports, grad_norms, skipped = [], [], 0
+        for _ in range(epochs):
+            for start in range(0, n, mini_batch_size):
+                mbs = make_microbatches(
+                    batch, self._my_indices(range(start, start + mini_batch_size)), self.micro_batch_size
+                )
+                self.model.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                reports += run_microbatches(
+                    self.model, mbs, loss_fn, forward_only=False, sequence_parallel_multiple=self.sp_multiple
+                )
+                ok, grad_norm, _ = self.optimizer.step()
+                skipped += int(not ok)
+                grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
+        self.scheduler.step(increment=1)
+        totals = reduce_reports(reports, keys=LOSS_REPORT_KEYS, contributes=self.reports_metrics)
+        metrics = summarize_loss_metrics(totals)
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["grad_norm_max"] = max(grad_norms)
+        metrics["num_updates"] = len(grad_norms)
+        metrics["skipped_updates"] = skipped
+        metrics["lr"] = lr
+        return metrics

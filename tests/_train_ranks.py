@@ -1,0 +1,64 @@
+"""Rank functions for the DAPO train-step parity tests."""
+
+
+
+def dapo_update(rank, world_size, hf_dirs, tp, pp, sp, batch, mini_batch_size, micro_batch_size, opt):
+    """One DAPO update (possibly several mini-batches) of every model in ``hf_dirs`` at (tp, pp, sp).
+
+    Rank 0 returns {arch: (metrics, grads of the last mini-batch, updated weights)} in HF names.
+    """
+    from megatron.core import parallel_state as ps
+
+    from dapo_megatron.config import OptimizerConfig
+    from dapo_megatron.conversion.megatron_to_hf import export_hf_state_dict
+    from dapo_megatron.megatron.loss import LossSettings
+    from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
+    from dapo_megatron.megatron.optim import build_optimizer, wrap_ddp
+    from dapo_megatron.megatron.train_step import PolicyTrainer
+    from dapo_megatron.models import ParallelLayout
+
+    layout = ParallelLayout(tp=tp, pp=pp, sp=sp)
+    initialize_parallel(layout)
+    out = {}
+    for arch_name, hf_dir in hf_dirs.items():
+        loaded = build_model_from_hf(hf_dir, layout)
+        _, use_dist = wrap_ddp(loaded)
+        optimizer, scheduler = build_optimizer(
+            loaded, OptimizerConfig(**opt), total_steps=10, use_distributed_optimizer=use_dist
+        )
+        trainer = PolicyTrainer(
+            loaded, optimizer, scheduler, LossSettings(), micro_batch_size=micro_batch_size
+        )
+        metrics = trainer.update(dict(batch[arch_name]), mini_batch_size=mini_batch_size)
+        groups = dict(
+            padded_vocab_size=loaded.padded_vocab_size,
+            tp_group=ps.get_tensor_model_parallel_group(),
+            pp_group=ps.get_pipeline_model_parallel_group(),
+        )
+        grads = export_hf_state_dict(loaded.model, loaded.arch, getter=lambda p: p.main_grad, **groups)
+        weights = export_hf_state_dict(loaded.model, loaded.arch, **groups)
+        out[arch_name] = (metrics, grads, weights)
+    return out if rank == 0 else None
+
+
+def old_log_probs(rank, world_size, hf_dir, tp, pp, batch):
+    """compute_log_probs at a layout; returns {sequence index: log-probs} from reporting ranks."""
+    from megatron.core import parallel_state as ps
+
+    from dapo_megatron.megatron.loss import LossSettings
+    from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
+    from dapo_megatron.megatron.train_step import PolicyTrainer
+    from dapo_megatron.models import ParallelLayout
+
+    layout = ParallelLayout(tp=tp, pp=pp)
+    initialize_parallel(layout)
+    loaded = build_model_from_hf(hf_dir, layout)
+    trainer = PolicyTrainer(loaded, None, None, LossSettings(), micro_batch_size=2)
+    logp = trainer.compute_log_probs(batch)
+    if not trainer.reports_metrics:
+        return None
+    return {
+        i: logp[i]
+        for i in range(logp.shape[0])
+        if i % ps.get_data_parallel_world_size() == ps.get_data_parallel_rank()
+    }
