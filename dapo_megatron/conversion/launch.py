@@ -33,6 +33,9 @@ class RankError(RuntimeError):
 def _rank_main(rank, world_size, port, fn, args, results, threads):
     import torch.distributed as dist
 
+    # A launcher started under torchrun must not join torchrun's rendezvous store.
+    for key in [k for k in os.environ if k.startswith("TORCHELASTIC_")]:
+        del os.environ[key]
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

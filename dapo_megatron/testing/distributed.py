@@ -32,6 +32,9 @@ def _rank_main(rank, world_size, port, fn, args, results, threads):
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+    # A launcher started under torchrun must not join torchrun's rendezvous store.
+    for key in [k for k in os.environ if k.startswith("TORCHELASTIC_")]:
+        del os.environ[key]
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

@@ -1,0 +1,1 @@
+"""The DAPO training loop and what it orchestrates: rollouts, batches, checkpoints."""

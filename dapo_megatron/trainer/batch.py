@@ -1,0 +1,44 @@
+"""From rollout samples to the training batch tensors of :mod:`dapo_megatron.megatron.train_step`."""
+
+from __future__ import annotations
+
+import torch
+
+from dapo_megatron.algo import group_advantages, overlong_mask
+
+
+def samples_to_batch(
+    samples: list[dict], *, pad_id: int, norm_adv_by_std: bool, overlong_filter: bool
+) -> dict:
+    """Right-padded ``[N, S]`` tensors for ``N`` samples (prompt + response each).
+
+    * ``response_mask``: 1 on response tokens; 0 for every token of a truncated response when
+      ``overlong_filter`` (DAPO's overlong filtering).
+    * ``advantages``: the group-relative advantage of the sample's shaped reward, on its tokens.
+    * ``rollout_log_probs``: the engine's log-probs of the response tokens (TIS, mismatch metric).
+    """
+    n = len(samples)
+    lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
+    width = max(lengths)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros(n, width)
+    rollout_log_probs = torch.zeros(n, width)
+    for i, s in enumerate(samples):
+        p, r = len(s["prompt_ids"]), len(s["response_ids"])
+        input_ids[i, : p + r] = torch.tensor(s["prompt_ids"] + s["response_ids"], dtype=torch.long)
+        response_mask[i, p : p + r] = 1.0
+        rollout_log_probs[i, p : p + r] = torch.tensor(s["rollout_logprobs"], dtype=torch.float32)
+    if overlong_filter:
+        truncated = torch.tensor([s["truncated"] for s in samples])
+        keep = overlong_mask(torch.tensor([len(s["response_ids"]) for s in samples]), truncated)
+        response_mask *= keep.to(response_mask.dtype)[:, None]
+    adv = group_advantages(
+        [s["reward"] for s in samples], [s["uid"] for s in samples], norm_by_std=norm_adv_by_std
+    )
+    return {
+        "input_ids": input_ids,
+        "seq_lengths": torch.tensor(lengths, dtype=torch.long),
+        "response_mask": response_mask,
+        "advantages": adv.float()[:, None] * response_mask,
+        "rollout_log_probs": rollout_log_probs,
+    }
