@@ -3,8 +3,10 @@
 
     python tools/convert_hf_to_megatron.py --hf-dir DIR --output OUT [--tp N] [--pp M] [--dtype bf16]
 
-Launches ``tp * pp`` ranks itself (gloo on CPU, NCCL on GPU). The checkpoint reshards on load, so
-``--tp/--pp`` only choose the layout used to write it. Exit status 0 on success, 2 on bad input
+Streams the checkpoint in one spawned process, chunk by chunk, without building the model (memory
+stays at about one parameter; a progress bar shows bytes/s). The checkpoint reshards on load, so
+``--tp/--pp`` only choose the layout used to write it. ``--materialize`` instead launches
+``tp * pp`` ranks that build the model and save it with ``dist_checkpointing.save`` (reference). Exit status 0 on success, 2 on bad input
 (the message names the file or tensor); nothing is left at OUT on failure.
 """
 
@@ -25,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--vocab-pad-multiple", type=int, default=128, help="pad the vocabulary to a multiple of this x TP"
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--materialize",
+        action="store_true",
+        help="build the model on tp*pp ranks and save it (reference path)",
+    )
     p.add_argument("--no-hash", action="store_true", help="skip sha256 of the source files in the metadata")
     args = p.parse_args(argv)
 
@@ -42,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             vocab_pad_multiple=args.vocab_pad_multiple,
             hash_sources=not args.no_hash,
+            materialize=args.materialize,
+            progress=not args.no_progress,
         )
     except RankError as e:
         print(f"error: {e.summary}", file=sys.stderr)

@@ -1,10 +1,13 @@
 """Whole-checkpoint conversion: HF directory <-> Megatron-Core distributed checkpoint.
 
 * :func:`convert_hf_to_megatron` checks the HF directory in this process (config, shard files,
-  tensor names and shapes), then launches ``tp * pp`` ranks that build the model at that layout
-  with the one model builder, load the HF weights (lazily, tensor by tensor) and
-  ``dist_checkpointing.save`` it into ``<out>.tmp-XXXX``; metadata is written and the directory
-  renamed to ``<out>`` only when everything succeeded.
+  tensor names and shapes), then one spawned process streams the checkpoint into
+  ``<out>.tmp-XXXX`` without building the model (:mod:`dapo_megatron.conversion.stream_save`:
+  Megatron's keys from a meta-device model, each chunk read from safetensors, transformed and
+  written on its own, so memory stays at about one parameter); metadata is written and the
+  directory renamed to ``<out>`` only when everything succeeded. ``materialize=True`` instead
+  launches ``tp * pp`` ranks that build the model at that layout, load the HF weights and
+  ``dist_checkpointing.save`` it (the reference path).
 * :func:`convert_megatron_to_hf` needs no model-parallel ranks: a TP1/PP1 model is built on the
   *meta* device only to obtain Megatron's own sharded-state-dict keys, then the checkpoint is
   read one transformer layer at a time, turned into HF tensors by the same tables (TP=1) and
@@ -117,6 +120,30 @@ def _hf_to_megatron_rank(
     return stats
 
 
+def _hf_to_megatron_stream_rank(
+    rank: int, world_size: int, jobs: list[tuple[str, str, int]], tp: int, dtype: str, progress: bool
+):
+    """One TP1/PP1 process: stream each HF dir into its (existing, empty) dir, no model built."""
+    from dapo_megatron.conversion.stream_save import write_checkpoint_from_hf
+    from dapo_megatron.megatron.model import initialize_parallel
+
+    initialize_parallel(ParallelLayout())
+    stats = []
+    for hf_dir, out_dir, padded in jobs:
+        t0 = time.perf_counter()
+        info = write_checkpoint_from_hf(
+            hf_dir,
+            out_dir,
+            arch_from_hf_config(hf_dir),
+            tp=tp,
+            dtype=dtype,
+            padded_vocab_size=padded,
+            progress=progress,
+        )
+        stats.append({**info, "save_s": time.perf_counter() - t0})
+    return stats
+
+
 def convert_hf_to_megatron_many(
     jobs: list[tuple[str | Path, str | Path]],
     *,
@@ -126,8 +153,13 @@ def convert_hf_to_megatron_many(
     vocab_pad_multiple: int = 128,
     hash_sources: bool = True,
     timeout: float | None = None,
+    materialize: bool = False,
+    progress: bool = False,
 ) -> list[dict]:
-    """Convert several ``(hf_dir, output)`` pairs with one launch of ``tp * pp`` ranks."""
+    """Convert several ``(hf_dir, output)`` pairs with one launched process (streaming; the
+    checkpoint's chunks follow a ``tp``-way layout), or with ``materialize=True`` one launch of
+    ``tp * pp`` ranks that build the model and ``dist_checkpointing.save`` it. ``progress``: a
+    bytes/s progress bar on stderr (streaming only)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     plans = []
@@ -149,16 +181,27 @@ def convert_hf_to_megatron_many(
     try:
         for _, _, tmp, _ in plans:
             tmp.mkdir()
-        stats = launch(
-            _hf_to_megatron_rank,
-            tp * pp,
-            [(str(h), str(t)) for h, _, t, _ in plans],
-            tp,
-            pp,
-            dtype,
-            vocab_pad_multiple,
-            timeout=timeout,
-        )[0]
+        if materialize:
+            stats = launch(
+                _hf_to_megatron_rank,
+                tp * pp,
+                [(str(h), str(t)) for h, _, t, _ in plans],
+                tp,
+                pp,
+                dtype,
+                vocab_pad_multiple,
+                timeout=timeout,
+            )[0]
+        else:
+            stats = launch(
+                _hf_to_megatron_stream_rank,
+                1,
+                [(str(h), str(t), m.padded_vocab_size) for h, _, t, m in plans],
+                tp,
+                dtype,
+                progress,
+                timeout=timeout,
+            )[0]
         for (hf_dir, output, tmp, meta), s in zip(plans, stats):
             write_metadata(tmp, meta, hf_dir)
             os.rename(tmp, output)

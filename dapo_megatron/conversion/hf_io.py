@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -10,6 +11,18 @@ from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class HFCheckpointReader:
@@ -35,6 +48,8 @@ class HFCheckpointReader:
         else:
             raise FileNotFoundError(f"{self.hf_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
+        self._raw: dict[Path, object] = {}
         if self._file_of is None:
             path = self.hf_dir / SINGLE_FILE
             self._file_of = {name: path for name in self._open(path).keys()}
@@ -71,5 +86,52 @@ class HFCheckpointReader:
         except Exception as e:
             raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from e
 
+    def _header(self, path: Path) -> tuple[int, dict]:
+        """``(start of the data section, header dict)`` of a safetensors file."""
+        if path not in self._headers:
+            try:
+                with open(path, "rb") as f:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(n))
+            except Exception as e:
+                raise ValueError(
+                    f"cannot read safetensors header of {path}: {e} (truncated or corrupt?)"
+                ) from e
+            self._headers[path] = (8 + n, header)
+        return self._headers[path]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Like :meth:`get`, but reads the bytes with plain file I/O into a fresh tensor that this
+        process owns (no memory map): memory is bounded by the tensors alive, not by the pages of
+        the files touched so far."""
+        if name not in self._file_of:
+            raise KeyError(f"tensor {name!r} is missing from the HF checkpoint in {self.hf_dir}")
+        path = self._file_of[name]
+        start, header = self._header(path)
+        info = header.get(name)
+        if info is None:
+            raise KeyError(f"tensor {name!r} is not in {path} (the index says it is)")
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"tensor {name!r} in {path}: unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        if out.nbytes != end - begin:
+            raise ValueError(f"tensor {name!r} in {path}: header offsets do not match its shape and dtype")
+        if path not in self._raw:
+            self._raw[path] = open(path, "rb", buffering=0)
+        f = self._raw[path]
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.nbytes else memoryview(b"")
+        f.seek(start + begin)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise ValueError(f"cannot read tensor {name!r} from {path}: file ends early (truncated?)")
+            done += n
+        return out
+
     def close(self) -> None:
         self._handles.clear()
+        for f in self._raw.values():
+            f.close()
+        self._raw.clear()
