@@ -8,8 +8,8 @@ meta device gives every global key, global shape, stacked-layer offset, GLU fact
 
 * :class:`_LazySavePlanner` plans one write item per chunk; ``resolve_data`` reads the HF tensors of
   that parameter (plain file reads, no memory map), applies the table's transform at TP1, casts,
-  and returns the chunk. Only the current parameter's tensors are alive (a one-entry cache serves
-  the other chunks of the same parameter).
+  and returns the chunk. Only the current parameter's tensors and the next one's (read ahead by
+  one background thread while the current one is written) are alive.
 * :class:`_SequentialWriter` writes the items in plan order into one ``.distcp`` file and drops
   each tensor at once (torch's own writer keeps every tensor of a file until the file ends).
 
@@ -26,6 +26,7 @@ import dataclasses
 import io
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -333,15 +334,32 @@ def write_checkpoint_from_hf(
     plan = plan_checkpoint(arch, tp=tp, dtype=dtype, padded_vocab_size=padded_vocab_size)
     reader = HFCheckpointReader(hf_dir)
     ctx = ShardContext(arch=arch, tp_rank=0, tp_size=1, padded_vocab_size=padded_vocab_size)
-    cache: dict[str, list] = {}
+    # Chunks of one parameter are consecutive. One background thread reads and transforms the next
+    # parameter while the current one is written (file reads and writes release the GIL), so at
+    # most two parameters are alive; only that thread touches the reader.
+    order = list(dict.fromkeys(c.param for c in plan.chunks))
+    position = {name: i for i, name in enumerate(order)}
+    dtypes = {c.param: c.dtype for c in plan.chunks}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-read")
+    cache: dict[str, Future] = {}
+
+    def load(param: str) -> list:
+        row, layer = plan.rows[param]
+        return _parts(row, layer, reader, ctx, dtypes[param])
+
+    def parts_of(param: str) -> list:
+        i = position[param]
+        for name in list(cache):
+            if position[name] < i:
+                del cache[name]  # done with it
+        for name in order[i : i + 2]:
+            if name not in cache:
+                cache[name] = pool.submit(load, name)
+        return cache[param].result()
 
     def resolve(chunk: _Chunk) -> torch.Tensor:
-        if chunk.param not in cache:
-            cache.clear()  # chunks of one parameter are consecutive: keep only the current one
-            row, layer = plan.rows[chunk.param]
-            cache[chunk.param] = _parts(row, layer, reader, ctx, chunk.dtype)
         start0, len0 = chunk.region[0] if chunk.region else (0, 0)
-        for off, part in cache[chunk.param]:
+        for off, part in parts_of(chunk.param):
             if off <= start0 and start0 + len0 <= off + (part.shape[0] if part.dim() else 1):
                 t = part
                 for d, (start, length) in enumerate(chunk.region):
@@ -367,8 +385,11 @@ def write_checkpoint_from_hf(
     try:
         dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(plan, resolve), no_dist=True)
     finally:
-        reader.close()
+        for fut in cache.values():
+            fut.cancel()
+        pool.shutdown(wait=True)
         cache.clear()
+        reader.close()
         if bar is not None:
             bar.close()
     save_config(CheckpointingConfig(sharded_strategy.backend, sharded_strategy.version), str(out_dir))
