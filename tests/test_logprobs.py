@@ -273,6 +273,48 @@ def test_leading_dims_and_layout():
     torch.testing.assert_close(lp_1d, lp_bt[0, 0])
 
 
+def test_strided_input_gradient_is_contiguous_in_given_shape():
+    """A [T, B, V] view of [B, T, V] memory is read in place (any chunking) and its gradient comes
+    back contiguous as [T, B, V] (what ``token_log_probs(sequence_major=True)`` relies on), with the
+    same values as the gradient of the contiguous input."""
+    logits, targets, g_lp, g_ent = make_case(13, 1003, 1008, shape=(3, 5))
+    x_bt = logits.float().requires_grad_()
+    lp, ent = vocab_parallel_log_probs(x_bt, targets, with_entropy=True, vocab_size=1003)
+    ((lp * g_lp.float()).sum() + (ent * g_ent.float()).sum()).backward()
+    for chunk in (None, 1, 7):
+        x_tb = logits.float().transpose(0, 1).detach().requires_grad_()
+        lp_tb, ent_tb = vocab_parallel_log_probs(
+            x_tb, targets.t(), with_entropy=True, chunk_size=chunk, vocab_size=1003
+        )
+        loss = (lp_tb * g_lp.float().t()).sum() + (ent_tb * g_ent.float().t()).sum()
+        (grad,) = torch.autograd.grad(loss, x_tb)
+        assert grad.shape == (5, 3, 1008) and grad.is_contiguous(), chunk
+        assert (lp_tb.t() - lp).abs().max().item() <= CHUNK_ATOL, chunk
+        assert (ent_tb.t() - ent).abs().max().item() <= CHUNK_ATOL, chunk
+        assert (grad.transpose(0, 1) - x_bt.grad).abs().max().item() <= CHUNK_ATOL, chunk
+
+
+def test_token_log_probs_sequence_major_same_values_and_grads():
+    """``token_log_probs(sequence_major=True)`` changes only the gradient's memory order."""
+    from dapo_megatron.megatron.loss import token_log_probs
+
+    logits, _, g_lp, g_ent = make_case(14, 300, 304, shape=(2, 9))
+    input_ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(14))
+    out = {}
+    for seq_major in (False, True):
+        # [b, s, V] as GPTModel hands it out: a contiguous copy of [s, b, V] logits
+        x_sb = logits.float().transpose(0, 1).contiguous().requires_grad_()
+        x = x_sb.transpose(0, 1).contiguous()
+        lp, ent = token_log_probs(
+            x, input_ids, tp_group=None, vocab_size=300, with_entropy=True, sequence_major=seq_major
+        )
+        ((lp * g_lp.float()).sum() + (ent * g_ent.float()).sum()).backward()
+        out[seq_major] = (lp.detach(), ent.detach(), x_sb.grad)
+    for a, b in zip(out[False], out[True]):
+        assert (a - b).abs().max().item() <= CHUNK_ATOL
+    assert out[True][0][:, 0].eq(0).all()  # the first token has no prediction
+
+
 def test_no_grad_recomputation():
     logits, targets, *_ = make_case(12, 100, 104)
     x = logits.float().requires_grad_()

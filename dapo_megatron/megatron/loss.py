@@ -70,17 +70,25 @@ def token_log_probs(
     vocab_size: int,
     with_entropy: bool = False,
     chunk_size: int | None = None,
+    sequence_major: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each token given its prefix, aligned with ``input_ids``: ``[b, s]``.
 
     ``out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`` for ``t >= 1``; ``out[:, 0] = 0``
     (the first token has no prediction). The entropy at ``t`` is that of the distribution that
     predicted token ``t``. Computed vocab-parallel (the full vocabulary is never gathered).
+
+    ``sequence_major``: compute on the ``[s, b, V]`` view of ``logits``, so that their gradient
+    is laid out ``[s, b, V]`` in memory. Megatron's ``GPTModel`` computes ``[s, b, V]`` logits and
+    hands out a ``[b, s, V]`` contiguous copy; a gradient in the ``[b, s, V]`` memory order would
+    cost its output layer two more shard-sized copies in the backward pass (same values either way).
     """
     s = input_ids.shape[1]
     # Targets for position t-1 are input_ids[t]; the last position predicts nothing (target 0).
     targets = torch.roll(input_ids, shifts=-1, dims=1)
     targets[:, -1] = 0
+    if sequence_major:
+        logits, targets = logits.transpose(0, 1), targets.t()
     logp, ent = vocab_parallel_log_probs(
         logits,
         targets,
@@ -89,6 +97,8 @@ def token_log_probs(
         chunk_size=chunk_size,
         vocab_size=vocab_size,
     )
+    if sequence_major:
+        logp, ent = logp.t(), (ent.t() if ent is not None else None)
     zeros = logp.new_zeros(logp.shape[0], 1)
     logp = torch.cat([zeros, logp[:, : s - 1]], dim=1)
     if ent is not None:
@@ -113,6 +123,7 @@ def dapo_loss(
         vocab_size=vocab_size,
         with_entropy=True,
         chunk_size=settings.logprob_chunk_size,
+        sequence_major=True,  # GPTModel's own layout: no copies in its backward pass
     )
     mask = mb["response_mask"].bool()
     weights = mb.get("token_weights")
