@@ -545,8 +545,9 @@ class DapoConfig:
     def validate_world(self, world_size: int) -> int:
         """Check the layout against ``world_size`` ranks; return the data-parallel size.
 
-        Each optimizer update sees ``ppo_mini_batch_size * rollout.n`` sequences, split over the
-        data-parallel ranks in micro-batches of ``parallel.micro_batch_size``.
+        Each optimizer update sees ``ppo_mini_batch_size * rollout.n`` sequences, split evenly over
+        the data-parallel ranks, each rank's share in micro-batches of at most
+        ``parallel.micro_batch_size`` (the last one may be smaller).
         """
         mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
         if world_size % mp:
@@ -556,11 +557,10 @@ class DapoConfig:
             )
         dp = world_size // mp
         seqs = self.trainer.ppo_mini_batch_size * self.rollout.n
-        unit = dp * self.parallel.micro_batch_size
-        if seqs % unit:
+        if seqs % dp:
             raise ValueError(
-                f"trainer.ppo_mini_batch_size * rollout.n = {seqs} sequences must be divisible by "
-                f"data-parallel size ({dp}) * parallel.micro_batch_size ({self.parallel.micro_batch_size})"
+                f"trainer.ppo_mini_batch_size * rollout.n = {seqs} sequences must be divisible by the "
+                f"data-parallel size {dp} (world {world_size} / (TP * PP = {mp}))"
             )
         return dp
 

@@ -31,3 +31,8 @@ def misbehave(response: str, ground_truth: str) -> dict:
 
 
 NOT_CALLABLE = 3
+
+
+def always_right(response: str, ground_truth: str) -> dict:
+    """Every response is correct: no group ever has signal (dynamic sampling must give up)."""
+    return {"score": 1.0, "acc": True, "pred": response.strip()}

@@ -230,11 +230,14 @@ def test_validate_world():
     cfg = load_config(
         None, REQUIRED + ["parallel.tensor_model_parallel_size=2", "parallel.micro_batch_size=4"]
     )
-    assert cfg.validate_world(16) == 8  # 32 prompts * 16 = 512 sequences; 8 dp * 4 = 32 divides it
+    assert cfg.validate_world(16) == 8  # 32 prompts * 16 = 512 sequences over 8 dp ranks
     with pytest.raises(ValueError, match="world size 3 must be divisible"):
         cfg.validate_world(3)
-    cfg.parallel.micro_batch_size = 3
-    with pytest.raises(ValueError, match="512 sequences must be divisible by data-parallel size"):
+    cfg.parallel.micro_batch_size = 3  # ragged micro-batches are fine (the last one is smaller)
+    assert cfg.validate_world(4) == 2
+    cfg.trainer.ppo_mini_batch_size = 1
+    cfg.rollout.n = 3
+    with pytest.raises(ValueError, match="3 sequences must be divisible by the data-parallel size 2"):
         cfg.validate_world(4)
 
 

@@ -1,0 +1,203 @@
+"""End-to-end: the real launcher (torchrun) runs DAPO steps of the demo setup on CPU/gloo.
+
+Checks the metrics contract, PP2, exact resume after SIGKILL, the HF export, and that bad input
+fails with errors naming the field.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "examples" / "demo_cpu.yaml"
+REQUIRED_KEYS = {
+    "step",
+    "reward/mean",
+    "acc/mean",
+    "response_length/mean",
+    "response_length/clip_ratio",
+    "entropy",
+    "pg_clipfrac_low",
+    "pg_clipfrac_high",
+    "dynamic_sampling/num_gen_batches",
+    "dynamic_sampling/kept_ratio",
+    "rollout/logprob_diff_mean",
+    "tokens_per_second",
+    "step_time",
+    "loss",
+    "grad_norm",
+}
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def demo_inputs(tmp_path_factory):
+    from dapo_megatron.data.demo_task import write_demo_dataset
+    from dapo_megatron.demo_model import make_demo_model
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_model(root / "model", seed=0, steps=150)
+    write_demo_dataset(root / "data", num_train=128, num_val=16, seed=0, formats=("jsonl",))
+    return root
+
+
+def _train(demo_inputs, run_dir, *overrides, nproc=2, env=None, check=True):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "dapo_megatron.train",
+        "--config",
+        str(CONFIG),
+        f"model.hf_dir={demo_inputs / 'model'}",
+        f"data.train_files=[{demo_inputs / 'data' / 'train.jsonl'}]",
+        f"data.val_files=[{demo_inputs / 'data' / 'val.jsonl'}]",
+        f"trainer.run_dir={run_dir}",
+        "logging.progress_bar=false",
+        "reward.num_workers=1",
+        "trainer.train_batch_size=4",
+        "trainer.gen_batch_size=8",
+        "trainer.ppo_mini_batch_size=2",
+        "rollout.val_n=2",
+        *overrides,
+    ]
+    # Own session, output to a file: a SIGKILLed rank leaves Megatron's checkpoint-writer Manager
+    # process orphaned (it would hold a pipe open forever); the whole group is killed afterwards.
+    log = Path(str(run_dir) + f".{len(list(Path(run_dir).parent.glob('*.log')))}.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+        )
+        try:
+            proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    proc.stdout = log.read_text()
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed (rc={proc.returncode}):\n{proc.stdout[-8000:]}")
+    return proc
+
+
+def _metrics(run_dir):
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_two_steps_tp2_metrics_checkpoint_and_export(demo_inputs, tmp_path):
+    run = tmp_path / "tp2"
+    _train(
+        demo_inputs,
+        run,
+        "trainer.total_steps=2",
+        "trainer.val_every=2",
+        "trainer.save_every=1",
+        "checkpoint.keep_last=1",
+    )
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: validation before training
+    for r in rows[1:]:
+        missing = REQUIRED_KEYS - set(r)
+        assert not missing, f"step {r['step']} lacks {sorted(missing)}"
+        assert r["valid_tokens"] > 0 and r["rollout/logprob_diff_mean"] < 1e-4
+    assert "val/acc_avg@2" in rows[0] and "val/acc_avg@2" in rows[2]
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_000002"], ckpts  # keep_last=1 removed step 1
+    assert (run / "tensorboard").is_dir()
+
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(run / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_one_step_pp2(demo_inputs, tmp_path):
+    run = tmp_path / "pp2"
+    _train(
+        demo_inputs,
+        run,
+        "parallel.tensor_model_parallel_size=1",
+        "parallel.pipeline_model_parallel_size=2",
+        "parallel.micro_batch_size=4",
+        "trainer.total_steps=1",
+        "trainer.val_every=0",
+        "checkpoint.export_hf_at_end=false",
+    )
+    (row,) = _metrics(run)
+    assert REQUIRED_KEYS <= set(row) and row["rollout/logprob_diff_mean"] < 1e-4
+
+
+def test_exact_resume_after_sigkill(demo_inputs, tmp_path):
+    common = (
+        "trainer.total_steps=3",
+        "trainer.save_every=1",
+        "trainer.val_every=0",
+        "checkpoint.export_hf_at_end=false",
+    )
+    _train(demo_inputs, tmp_path / "straight", *common)
+    killed = _train(
+        demo_inputs, tmp_path / "resumed", *common, env={"DAPO_DEBUG_SIGKILL_AFTER_STEP": "2"}, check=False
+    )
+    assert killed.returncode != 0, "the SIGKILL hook did not fire"
+    assert [r["step"] for r in _metrics(tmp_path / "resumed")] == [1, 2]
+    resumed = _train(demo_inputs, tmp_path / "resumed", *common)
+    assert "resumed from" in resumed.stdout
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for key, value in a[2].items():
+        if (
+            key.startswith("timing/")
+            or key in ("time", "step_time", "tokens_per_second")
+            or key.startswith("reward/elapsed")
+        ):
+            continue
+        assert b[2][key] == value, f"step 3 {key}: {b[2][key]} after resume vs {value} uninterrupted"
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "dapo_megatron.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_bad_config_and_data_fail_clearly(demo_inputs, tmp_path):
+    base = ["--config", str(CONFIG), f"model.hf_dir={demo_inputs / 'model'}"]
+    data = f"data.train_files=[{demo_inputs / 'data' / 'train.jsonl'}]"
+    r = _cli(*base, data, "algorithm.clip_ratio_hgih=0.3")
+    assert r.returncode != 0 and "algorithm.clip_ratio_hgih" in r.stderr and "clip_ratio_high" in r.stderr
+    r = _cli(*base, "data.train_files=[/nonexistent/train.parquet]")
+    assert r.returncode != 0 and "/nonexistent/train.parquet" in r.stderr
+
+
+def test_no_informative_group_gives_up_with_counts(demo_inputs, tmp_path):
+    r = _train(
+        demo_inputs,
+        tmp_path / "stuck",
+        "trainer.total_steps=1",
+        "trainer.val_every=0",
+        "reward.reward_fn=tests._reward_test_fns:always_right",
+        "algorithm.max_num_gen_batches=2",
+        check=False,
+    )
+    assert r.returncode != 0
+    err = r.stdout
+    assert "dynamic sampling exhausted" in err and "max_num_gen_batches=2" in err
