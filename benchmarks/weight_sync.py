@@ -61,19 +61,12 @@ def hf_state_dict_export(hf_model: torch.nn.Module) -> Callable[[], NamedTensors
 
 
 def _init_single_process_megatron() -> None:
-    """A gloo world of one with Megatron-Core's TP1 PP1 parallel state (CPU redirection on CPU)."""
-    import torch.distributed as dist
-
+    """A world of one (gloo on CPU, with the CPU redirection) and Megatron's TP1 PP1 state."""
     from dapo_megatron.megatron.model import initialize_parallel
     from dapo_megatron.models import ParallelLayout
-    from dapo_megatron.parallel.cpu import enable_cpu_megatron
-    from dapo_megatron.testing.distributed import free_port
+    from dapo_megatron.parallel.launch import init_single_process
 
-    enable_cpu_megatron()
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    init_single_process()
     initialize_parallel(ParallelLayout(tp=1, pp=1))
 
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from dapo_megatron.conversion.checkpoint import CheckpointError
     from dapo_megatron.conversion.convert import convert_megatron_to_hf
     from dapo_megatron.conversion.hf_writer import parse_size
-    from dapo_megatron.conversion.launch import RankError
+    from dapo_megatron.parallel.launch import RankError
 
     t0 = time.perf_counter()
     try:

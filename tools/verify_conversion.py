@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from dapo_megatron.conversion.checkpoint import CheckpointError
-    from dapo_megatron.conversion.launch import RankError
     from dapo_megatron.conversion.verify import verify
+    from dapo_megatron.parallel.launch import RankError
 
     try:
         res = verify(

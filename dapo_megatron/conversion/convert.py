@@ -38,13 +38,13 @@ from dapo_megatron.conversion.checkpoint import (
 from dapo_megatron.conversion.hf_io import HFCheckpointReader
 from dapo_megatron.conversion.hf_to_megatron import check_hf_names
 from dapo_megatron.conversion.hf_writer import StreamingSafetensorsWriter, TensorSpec
-from dapo_megatron.conversion.launch import init_single_process, launch
 from dapo_megatron.conversion.slice_reader import read_sharded
 from dapo_megatron.conversion.tables import NameResolver, mappings_for
 from dapo_megatron.conversion.transforms import ShardContext
 from dapo_megatron.models import ParallelLayout, arch_from_hf_config, padded_vocab_size
 from dapo_megatron.models.builder import have_transformer_engine
 from dapo_megatron.models.hf_arch import ModelArch
+from dapo_megatron.parallel.launch import init_single_process, launch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

@@ -26,6 +26,11 @@ class ShardContext:
     padded_vocab_size: int
 
 
+def _cat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` that returns a single tensor as is (TP=1 export without a copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim=dim)
+
+
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != tuple(expected):
         raise ValueError(
@@ -88,7 +93,7 @@ class TPSplit(Transform):
         return full.chunk(ctx.tp_size, dim=self.dim)[ctx.tp_rank]
 
     def from_shards(self, shards, ctx):
-        return [torch.cat(list(shards), dim=self.dim)]
+        return [_cat(shards, self.dim)]
 
 
 class VocabParallel(Transform):
@@ -108,7 +113,7 @@ class VocabParallel(Transform):
         return full.chunk(ctx.tp_size, dim=0)[ctx.tp_rank]
 
     def from_shards(self, shards, ctx):
-        return [torch.cat(list(shards), dim=0)[: ctx.arch.vocab_size]]
+        return [_cat(shards, 0)[: ctx.arch.vocab_size]]
 
 
 class FusedQKV(Transform):
@@ -147,7 +152,7 @@ class FusedQKV(Transform):
 
     def from_shards(self, shards, ctx):
         groups, heads_per_group, head_dim = self._dims(ctx)
-        fused = torch.cat(list(shards), dim=0)
+        fused = _cat(shards, 0)
         trailing = fused.shape[1:]
         fused = fused.reshape(groups, (heads_per_group + 2) * head_dim, *trailing)
         q, k, v = fused.split([heads_per_group * head_dim, head_dim, head_dim], dim=1)
@@ -172,7 +177,7 @@ class GatedMLP(Transform):
 
     def from_shards(self, shards, ctx):
         halves = [s.chunk(2, dim=0) for s in shards]
-        return [torch.cat([h[0] for h in halves], 0), torch.cat([h[1] for h in halves], 0)]
+        return [_cat([h[0] for h in halves], 0), _cat([h[1] for h in halves], 0)]
 
 
 REPLICATED = Replicated()

@@ -133,8 +133,8 @@ def verify(
     """Compare Megatron (from ``hf_dir`` or ``megatron_dir``) at TPxPPxDP(+SP) with transformers."""
     from transformers import AutoModelForCausalLM
 
-    from dapo_megatron.conversion.launch import launch
     from dapo_megatron.models import arch_from_hf_config
+    from dapo_megatron.parallel.launch import launch
 
     arch = arch_from_hf_config(hf_dir)
     ids, mask = make_batch(arch.vocab_size)

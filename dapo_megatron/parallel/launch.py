@@ -1,4 +1,4 @@
-"""Let a command-line tool start the ranks it needs itself (no torchrun wrapper required).
+"""Start N local ranks without torchrun: for command-line tools and for tests.
 
 :func:`launch` spawns ``world_size`` processes on this host, initialises ``torch.distributed``
 (NCCL with one GPU per rank when CUDA is available, otherwise gloo plus the CPU Megatron layer),
@@ -10,7 +10,9 @@ re-raised as :class:`RankError` with that rank's last error line first; a hang b
 from __future__ import annotations
 
 import os
+import pickle
 import queue
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -19,7 +21,12 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from dapo_megatron.testing.distributed import free_port
+
+def free_port() -> int:
+    """A TCP port that is free on the loopback interface right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class RankError(RuntimeError):
@@ -54,7 +61,9 @@ def _rank_main(rank, world_size, port, fn, args, results, threads):
             enable_cpu_megatron()
             backend = "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-        results.put((rank, True, fn(rank, world_size, *args)))
+        # Plain pickle (bytes), not torch's shared-memory tensor passing: this process exits
+        # right after, before the parent would have mapped the shared storage.
+        results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
     except BaseException as e:  # noqa: BLE001 - report everything to the parent
         results.put((rank, False, (f"{type(e).__name__}: {e}", traceback.format_exc())))
     finally:
@@ -118,7 +127,7 @@ def launch(
             if not ok:
                 failure = RankError(rank, *payload)
                 break  # the other ranks may be stuck in a collective
-            outputs[rank] = payload
+            outputs[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=10 if failure is None and len(outputs) == world_size else 0.5)
