@@ -569,24 +569,18 @@ class DapoConfig:
 # Presets
 # --------------------------------------------------------------------------------------------
 
+def _algorithm_preset(name: str) -> dict[str, Any]:
+    """The ``algorithm`` section of a preset: the values of :data:`dapo_megatron.algo.ALGORITHM_PRESETS`
+    (one source of truth for the algorithm knobs of DAPO, GRPO and Dr.GRPO)."""
+    from dapo_megatron.algo.presets import ALGORITHM_PRESETS
+
+    preset = ALGORITHM_PRESETS[name]
+    section = {f.name for f in dataclasses.fields(AlgorithmConfig)}
+    return {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset) if f.name in section}
+
+
 _DAPO: dict[str, dict[str, Any]] = {
-    "algorithm": {
-        "clip_ratio_low": 0.2,
-        "clip_ratio_high": 0.28,
-        "clip_ratio_c": None,
-        "loss_agg_mode": "token-mean",
-        "norm_adv_by_std": True,
-        "dynamic_sampling": True,
-        "filter_metric": "acc",
-        "max_num_gen_batches": 10,
-        "overlong_buffer_enable": True,
-        "overlong_buffer_len": 4096,
-        "overlong_buffer_penalty_factor": 1.0,
-        "overlong_filter": False,
-        "kl_coef": 0.0,
-        "use_kl_loss": False,
-        "entropy_coef": 0.0,
-    },
+    "algorithm": _algorithm_preset("dapo"),
     "rollout": {
         "n": 16,
         "temperature": 1.0,
@@ -609,19 +603,15 @@ _DAPO: dict[str, dict[str, Any]] = {
 }
 
 _GRPO: dict[str, dict[str, Any]] = copy.deepcopy(_DAPO)
-_GRPO["algorithm"].update(
-    clip_ratio_high=0.2,
-    loss_agg_mode="seq-mean-token-mean",
-    dynamic_sampling=False,
-    overlong_buffer_enable=False,
-    kl_coef=0.001,
-    kl_type="low_var_kl",
-    use_kl_loss=True,
-)
+_GRPO["algorithm"] = _algorithm_preset("grpo")
 _GRPO["trainer"]["gen_batch_size"] = 512
 
-#: Paper defaults by name: DAPO (Yu et al. 2025) and the GRPO baseline it is compared against.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {"dapo": _DAPO, "grpo": _GRPO}
+_DR_GRPO: dict[str, dict[str, Any]] = copy.deepcopy(_GRPO)
+_DR_GRPO["algorithm"] = _algorithm_preset("dr_grpo")
+
+#: Paper defaults by name: DAPO (Yu et al. 2025), the GRPO baseline it is compared against, and
+#: Dr.GRPO (unbiased advantages and a constant loss normaliser).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {"dapo": _DAPO, "grpo": _GRPO, "dr_grpo": _DR_GRPO}
 
 
 # --------------------------------------------------------------------------------------------

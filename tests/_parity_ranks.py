@@ -1,18 +1,8 @@
 """Rank functions for the layout-parity tests (module level so spawned ranks can import them)."""
 
 import torch
-import torch.distributed as dist
 
-
-def gather_tp_logits(logits: torch.Tensor) -> torch.Tensor:
-    from megatron.core import parallel_state as ps
-
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return logits.detach()
-    parts = [torch.empty_like(logits) for _ in range(tp)]
-    dist.all_gather(parts, logits.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
+from dapo_megatron.conversion.verify import gather_vocab_parallel_logits
 
 
 def logits_by_layout(rank, world_size, hf_dirs, tp, pp, sp, input_ids, seqs_per_microbatch):
@@ -45,7 +35,7 @@ def logits_by_layout(rank, world_size, hf_dirs, tp, pp, sp, input_ids, seqs_per_
         seq = input_ids.shape[1]
 
         def collect(mb, logits, seq=seq, vocab=vocab):
-            full = gather_tp_logits(logits)[:, :seq, :vocab]
+            full = gather_vocab_parallel_logits(logits)[:, :seq, :vocab]
             return {int(i): full[j] for j, i in enumerate(mb["index"])}
 
         with torch.no_grad():
@@ -75,9 +65,7 @@ def load_error(rank, world_size, hf_dir):
 
 def export_roundtrip(rank, world_size, hf_dirs, tp, pp):
     """Load each HF dir at (tp, pp) and export it back to HF tensors; rank 0 returns them."""
-    from megatron.core import parallel_state as ps
 
-    from dapo_megatron.conversion.megatron_to_hf import export_hf_state_dict
     from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
     from dapo_megatron.models import ParallelLayout
 
@@ -86,13 +74,6 @@ def export_roundtrip(rank, world_size, hf_dirs, tp, pp):
     out = {}
     for arch_name, hf_dir in hf_dirs.items():
         loaded = build_model_from_hf(hf_dir, layout)
-        sd = export_hf_state_dict(
-            loaded.model,
-            loaded.arch,
-            padded_vocab_size=loaded.padded_vocab_size,
-            tp_group=ps.get_tensor_model_parallel_group(),
-            pp_group=ps.get_pipeline_model_parallel_group(),
-            bucket_bytes=64 * 1024,  # small buckets: exercise bucket boundaries
-        )
-        out[arch_name] = sd
+        # small buckets: exercise bucket boundaries
+        out[arch_name] = loaded.hf_state_dict(bucket_bytes=64 * 1024)
     return out if rank == 0 else sorted(out["llama"])

@@ -1,16 +1,13 @@
 """Rank functions for the DAPO train-step parity tests."""
 
 
-
 def dapo_update(rank, world_size, hf_dirs, tp, pp, sp, batch, mini_batch_size, micro_batch_size, opt):
     """One DAPO update (possibly several mini-batches) of every model in ``hf_dirs`` at (tp, pp, sp).
 
     Rank 0 returns {arch: (metrics, grads of the last mini-batch, updated weights)} in HF names.
     """
-    from megatron.core import parallel_state as ps
 
     from dapo_megatron.config import OptimizerConfig
-    from dapo_megatron.conversion.megatron_to_hf import export_hf_state_dict
     from dapo_megatron.megatron.loss import LossSettings
     from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
     from dapo_megatron.megatron.optim import build_optimizer, wrap_ddp
@@ -30,13 +27,8 @@ def dapo_update(rank, world_size, hf_dirs, tp, pp, sp, batch, mini_batch_size, m
             loaded, optimizer, scheduler, LossSettings(), micro_batch_size=micro_batch_size
         )
         metrics = trainer.update(dict(batch[arch_name]), mini_batch_size=mini_batch_size)
-        groups = dict(
-            padded_vocab_size=loaded.padded_vocab_size,
-            tp_group=ps.get_tensor_model_parallel_group(),
-            pp_group=ps.get_pipeline_model_parallel_group(),
-        )
-        grads = export_hf_state_dict(loaded.model, loaded.arch, getter=lambda p: p.main_grad, **groups)
-        weights = export_hf_state_dict(loaded.model, loaded.arch, **groups)
+        grads = loaded.hf_state_dict(getter=lambda p: p.main_grad)
+        weights = loaded.hf_state_dict()
         out[arch_name] = (metrics, grads, weights)
     return out if rank == 0 else None
 

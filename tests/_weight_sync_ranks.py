@@ -24,10 +24,8 @@ def export_and_score(
     holds the last pipeline stage's TP rank 0, ``None`` elsewhere.
     """
     import torch
-    from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
-    from dapo_megatron.conversion.megatron_to_hf import iter_hf_tensors
     from dapo_megatron.megatron.loss import LossSettings
     from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
     from dapo_megatron.megatron.train_step import PolicyTrainer
@@ -41,14 +39,7 @@ def export_and_score(
     if export_path is not None:
         tensors = {}
         # Small bucket: several PP broadcasts, as with a real model.
-        for name, t in iter_hf_tensors(
-            loaded.model,
-            loaded.arch,
-            padded_vocab_size=loaded.padded_vocab_size,
-            tp_group=ps.get_tensor_model_parallel_group(),
-            pp_group=ps.get_pipeline_model_parallel_group(),
-            bucket_bytes=256 * 1024,
-        ):
+        for name, t in loaded.hf_tensors(bucket_bytes=256 * 1024):
             tensors[name] = t.clone().contiguous() if rank == 0 else None
         out["names"] = list(tensors)
         if rank == 0:

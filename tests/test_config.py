@@ -160,7 +160,7 @@ def test_override_value_types():
             "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1",
         ),
         ("model.dtype=float32", "model.dtype must be one of 'fp32', 'bf16', 'fp16'"),
-        ("preset=dapoo", "preset must be one of ['dapo', 'grpo'], got 'dapoo' (did you mean 'dapo'?)"),
+        ("preset=dapoo", "preset must be one of ['dapo', 'dr_grpo', 'grpo'], got 'dapoo' (did you mean 'dapo'?)"),
         ("trainer", "must look like section.key=value"),
     ],
 )

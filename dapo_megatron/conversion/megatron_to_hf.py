@@ -142,8 +142,3 @@ def _broadcast_bucket(bucket_meta, tensors, is_src: bool, src, pp_group):
             out[i] = part.view(bucket_meta[i][1])
     for (name, _, _), t in zip(bucket_meta, out):
         yield name, t
-
-
-def export_hf_state_dict(model, arch: ModelArch, **kwargs) -> dict[str, torch.Tensor]:
-    """All HF tensors as one dict (small models, tests). See :func:`iter_hf_tensors`."""
-    return {name: t.clone() for name, t in iter_hf_tensors(model, arch, **kwargs)}

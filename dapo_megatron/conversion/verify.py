@@ -28,7 +28,9 @@ def make_batch(vocab_size: int, lengths=DEFAULT_LENGTHS, seed: int = 0) -> tuple
     return ids, mask
 
 
-def _gather_tp(logits: torch.Tensor) -> torch.Tensor:
+def gather_vocab_parallel_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The full-vocabulary logits from this rank's TP shard (verification only: the training path
+    never gathers the vocabulary)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -45,7 +47,6 @@ def _verify_rank(rank, world_size, hf_dir, megatron_dir, tp, pp, sp, input_ids):
 
     from dapo_megatron.conversion.checkpoint import build_model_from_checkpoint
     from dapo_megatron.conversion.hf_io import HFCheckpointReader
-    from dapo_megatron.conversion.megatron_to_hf import iter_hf_tensors
     from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
     from dapo_megatron.megatron.schedule import run_microbatches
     from dapo_megatron.models import ParallelLayout
@@ -62,13 +63,7 @@ def _verify_rank(rank, world_size, hf_dir, megatron_dir, tp, pp, sp, input_ids):
     if megatron_dir:
         reader = HFCheckpointReader(hf_dir)
         seen, mismatched = [], []
-        for name, t in iter_hf_tensors(
-            loaded.model,
-            loaded.arch,
-            padded_vocab_size=loaded.padded_vocab_size,
-            tp_group=ps.get_tensor_model_parallel_group(),
-            pp_group=ps.get_pipeline_model_parallel_group(),
-        ):
+        for name, t in loaded.hf_tensors():
             if rank != 0:
                 continue
             seen.append(name)
@@ -91,7 +86,7 @@ def _verify_rank(rank, world_size, hf_dir, megatron_dir, tp, pp, sp, input_ids):
     mbs = [{"input_ids": input_ids[i : i + 1], "index": torch.tensor([i])} for i in mine]
 
     def collect(mb, logits):
-        return {int(mb["index"][0]): _gather_tp(logits)[0, :seq, :vocab].float()}
+        return {int(mb["index"][0]): gather_vocab_parallel_logits(logits)[0, :seq, :vocab].float()}
 
     if mbs:
         with torch.no_grad():

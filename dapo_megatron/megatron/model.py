@@ -49,6 +49,26 @@ class LoadedModel:
     layout: ParallelLayout
     padded_vocab_size: int
 
+    def hf_tensors(self, **kwargs):
+        """``(hf_name, full tensor)`` for the whole model, collectively over this rank's TP x PP
+        group (see :func:`dapo_megatron.conversion.megatron_to_hf.iter_hf_tensors` for kwargs)."""
+        from megatron.core import parallel_state as ps
+
+        from dapo_megatron.conversion.megatron_to_hf import iter_hf_tensors
+
+        return iter_hf_tensors(
+            self.model,
+            self.arch,
+            padded_vocab_size=self.padded_vocab_size,
+            tp_group=ps.get_tensor_model_parallel_group(),
+            pp_group=ps.get_pipeline_model_parallel_group(),
+            **kwargs,
+        )
+
+    def hf_state_dict(self, **kwargs) -> dict[str, torch.Tensor]:
+        """:meth:`hf_tensors` collected into a dict of copies (small models, tests)."""
+        return {name: t.clone() for name, t in self.hf_tensors(**kwargs)}
+
 
 def build_model_from_hf(
     hf_dir: str | Path,

@@ -92,11 +92,6 @@ class DapoTrainer:
         )
         # The export to the engine is collective over the TP x PP group of data-parallel rank 0.
         self.exports_weights = ps.get_data_parallel_rank() == 0
-        self.groups = dict(
-            padded_vocab_size=self.loaded.padded_vocab_size,
-            tp_group=ps.get_tensor_model_parallel_group(),
-            pp_group=ps.get_pipeline_model_parallel_group(),
-        )
         self.save_dir = Path(cfg.checkpoint.save_dir or Path(cfg.trainer.run_dir) / "checkpoints")
         self.step = 0
         self.collector = None
@@ -137,11 +132,9 @@ class DapoTrainer:
 
     def sync_weights(self) -> float:
         """Push the policy's weights to the engine (collective over DP rank 0's TP x PP group)."""
-        from dapo_megatron.conversion.megatron_to_hf import iter_hf_tensors
-
         t0 = time.monotonic()
         if self.exports_weights:
-            tensors = iter_hf_tensors(self.loaded.model, self.loaded.arch, **self.groups)
+            tensors = self.loaded.hf_tensors()
             if self.rank == 0:
                 self.engine.update_weights(tensors)
             else:
