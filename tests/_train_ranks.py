@@ -1,7 +1,22 @@
 """Rank functions for the DAPO train-step parity tests."""
 
+import torch
 
-def dapo_update(rank, world_size, hf_dirs, tp, pp, sp, batch, mini_batch_size, micro_batch_size, opt):
+
+def dapo_update(
+    rank,
+    world_size,
+    hf_dirs,
+    tp,
+    pp,
+    sp,
+    batch,
+    mini_batch_size,
+    micro_batch_size,
+    opt,
+    dtype="fp32",
+    recompute="none",
+):
     """One DAPO update (possibly several mini-batches) of every model in ``hf_dirs`` at (tp, pp, sp).
 
     Rank 0 returns {arch: (metrics, grads of the last mini-batch, updated weights)} in HF names.
@@ -18,7 +33,7 @@ def dapo_update(rank, world_size, hf_dirs, tp, pp, sp, batch, mini_batch_size, m
     initialize_parallel(layout)
     out = {}
     for arch_name, hf_dir in hf_dirs.items():
-        loaded = build_model_from_hf(hf_dir, layout)
+        loaded = build_model_from_hf(hf_dir, layout, dtype=dtype, recompute=recompute)
         _, use_dist = wrap_ddp(loaded)
         optimizer, scheduler = build_optimizer(
             loaded, OptimizerConfig(**opt), total_steps=10, use_distributed_optimizer=use_dist
@@ -28,7 +43,11 @@ def dapo_update(rank, world_size, hf_dirs, tp, pp, sp, batch, mini_batch_size, m
         )
         metrics = trainer.update(dict(batch[arch_name]), mini_batch_size=mini_batch_size)
         grads = loaded.hf_state_dict(getter=lambda p: p.main_grad)
-        weights = loaded.hf_state_dict()
+        weights = loaded.hf_state_dict(dtype=torch.float32)
+        if dtype != "fp32":  # what the optimizer steps: fp32 master copies of the bf16 parameters
+            metrics["master_dtypes"] = sorted(
+                {str(p.dtype) for g in optimizer.param_groups for p in g["params"]}
+            )
         out[arch_name] = (metrics, grads, weights)
     return out if rank == 0 else None
 

@@ -193,3 +193,30 @@ def test_old_log_probs_match_reference(tiny_hf_dirs):
     assert sorted(got) == list(range(8))
     for i, n in enumerate(b["seq_lengths"].tolist()):
         assert (got[i][:n] - ref[i, :n]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recomputation_keeps_the_update_exact(recompute, setup):
+    dirs, batches, refs = setup
+    one = {ARCHS[1]: dirs[ARCHS[1]]}
+    got = run_on_ranks(dapo_update, 2, one, 2, 1, True, batches, 8, 4, OPT, "fp32", recompute, timeout=600)[0]
+    _compare(f"TP2+SP recompute={recompute}", got, refs, one)
+
+
+@pytest.mark.distributed
+def test_bf16_mixed_precision_update(setup):
+    """bf16 parameters and activations with fp32 master weights in the optimizer; log-probs and
+    the loss in fp32. The loss stays within bf16 rounding of the fp32 reference."""
+    dirs, batches, refs = setup
+    arch = ARCHS[0]
+    got = run_on_ranks(
+        dapo_update, 2, {arch: dirs[arch]}, 2, 1, True, batches, 8, 4, OPT, "bf16", timeout=600
+    )[0]
+    metrics, grads, weights = got[arch]
+    print(f"bf16 loss {metrics['loss']:.5f} vs fp32 reference {refs[arch][0]:.5f}")
+    assert metrics["master_dtypes"] == ["torch.float32"]
+    assert metrics["loss"] == pytest.approx(refs[arch][0], rel=0.05, abs=0.02)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    moved = max((weights[k] - refs[arch][2][k]).abs().max().item() for k in weights)
+    assert moved < 0.05, "bf16 update went somewhere else entirely"

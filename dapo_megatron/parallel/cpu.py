@@ -10,6 +10,8 @@ forking it, :func:`enable_cpu_megatron` redirects exactly those assumptions to t
   the default causal mask).
 * The model-parallel RNG tracker uses the CPU generator.
 * ``clip_grad_by_total_norm_fp32`` asserts CUDA tensors: replaced by a CPU scaler.
+* The bf16/fp16 optimizer (fp32 master weights) sorts parameters by ``param.type()`` CUDA names:
+  its constructor sees CPU tensors under their CUDA names.
 
 It is a no-op when CUDA is available, so GPU runs use Megatron-Core untouched. Idempotent.
 """
@@ -32,12 +34,21 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA placements to CPU for every torch call made while active."""
+    """Rewrites CUDA placements to CPU for every torch call made while active.
+
+    While ``alias_cuda_types`` is set, ``Tensor.type()`` also answers ``torch.cuda.*Tensor`` for CPU
+    tensors (Megatron's mixed-precision optimizer sorts parameters by those strings).
+    """
+
+    alias_cuda_types = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func in (torch.Tensor.cuda, torch._C.TensorBase.cuda):
             return args[0]
+        if self.alias_cuda_types and func in (torch.Tensor.type, torch._C.TensorBase.type) and len(args) == 1:
+            name = func(*args, **kwargs)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = torch.device("cpu")
         if func in (torch.Tensor.to, torch._C.TensorBase.to):
@@ -55,6 +66,20 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
             grad = param.decoupled_grad if use_decoupled_grad else param.grad
             if grad is not None:
                 grad.detach().mul_(clip_coeff)
+
+
+def _alias_cuda_types_during(cls, mode: _CudaToCpuMode) -> None:
+    """Run ``cls.__init__`` (which checks ``param.type()`` for CUDA types) with the alias on."""
+    original = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        mode.alias_cuda_types = True
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            mode.alias_cuda_types = False
+
+    cls.__init__ = __init__
 
 
 def enable_cpu_megatron() -> bool:
@@ -84,6 +109,7 @@ def enable_cpu_megatron() -> bool:
 
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
+    _alias_cuda_types_during(optimizer.Float16OptimizerWithFloat16Params, _MODE)
     _ENABLED = True
     return True
 

@@ -19,14 +19,6 @@ from dapo_megatron.rollout import SamplingConfig
 _SEED_STRIDE = 1_000_003
 
 
-def score_responses(responses, prompts, reward_pool) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Decode nothing, just score: ``responses`` are ``(prompt_index, text)`` pairs."""
-    texts = [text for _, text in responses]
-    truths = [prompts[i].ground_truth for i, _ in responses]
-    results, stats = reward_pool.compute(texts, truths)
-    return results, stats.as_metrics()
-
-
 class RolloutCollector:
     """Generates rollout groups until the dynamic sampler holds a full training batch."""
 
@@ -65,9 +57,7 @@ class RolloutCollector:
         gen_time = time.monotonic() - t0
         flat = [(i, r) for i, group in enumerate(groups) for r in group]
         texts = self.tokenizer.batch_decode([r.token_ids for _, r in flat], skip_special_tokens=True)
-        results, reward_metrics = score_responses(
-            [(i, t) for (i, _), t in zip(flat, texts)], prompts, self.reward_pool
-        )
+        results, reward_stats = self.reward_pool.compute(texts, [prompts[i].ground_truth for i, _ in flat])
         algo = self.cfg.algorithm
         lengths = torch.tensor([len(r.token_ids) for _, r in flat], dtype=torch.float32)
         penalty = torch.zeros_like(lengths)
@@ -93,7 +83,7 @@ class RolloutCollector:
                     "reward": float(res["score"]) + float(penalty[k]),
                 }
             )
-        metrics = dict(reward_metrics)
+        metrics = reward_stats.as_metrics()
         metrics["timing/generate"] = gen_time
         metrics["rollout/generated_tokens"] = float(lengths.sum())
         return samples, metrics
