@@ -6,14 +6,14 @@ import torch
 def _logits(loaded, input_ids):
     from megatron.core import parallel_state as ps
 
+    from dapo_megatron.conversion.verify import gather_vocab_parallel_logits
     from dapo_megatron.megatron.schedule import run_microbatches
-    from tests._parity_ranks import gather_tp_logits
 
     seq, vocab = input_ids.shape[1], loaded.arch.vocab_size
     mbs = [{"input_ids": input_ids[i : i + 1], "index": torch.tensor([i])} for i in range(input_ids.shape[0])]
 
     def collect(mb, logits):
-        return {int(mb["index"][0]): gather_tp_logits(logits)[0, :seq, :vocab]}
+        return {int(mb["index"][0]): gather_vocab_parallel_logits(logits)[0, :seq, :vocab]}
 
     loaded.model.eval()
     with torch.no_grad():
