@@ -8,39 +8,15 @@ import shutil
 import pytest
 import torch
 
-from dapo_megatron.rollout import Response, RolloutEngine, SamplingConfig, create_engine
-from tests._rollout_reference import (
-    VOCAB,
-    load_hf,
-    long_prompts,
-    make_model_pair,
-    make_tied_pair,
-    max_logprob_diff,
-    transformers_greedy,
-)
+from dapo_megatron.rollout import Response, SamplingConfig, create_engine
+from tests import _engine_contract as contract
+from tests._rollout_reference import VOCAB, load_hf, long_prompts, make_tied_pair
 
-TOL = 1e-4  # fp32 engine vs teacher-forced transformers
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    return make_model_pair(tmp_path_factory.mktemp("rollout_hf"))
-
-
-@pytest.fixture(scope="module")
-def models(model_dirs):
-    return load_hf(model_dirs[0]), load_hf(model_dirs[1])
-
-
-@pytest.fixture()
-def engine(model_dirs):
-    eng = create_engine("hf", model_dirs[0], dtype="float32", seed=0)
-    yield eng
-    eng.close()
+model_dirs, models, engine = contract.engine_fixtures("hf", engine_scope="function")
 
 
 def test_engine_satisfies_protocol(engine):
-    assert isinstance(engine, RolloutEngine)
+    contract.check_protocol(engine)
 
 
 @pytest.mark.parametrize(
@@ -53,47 +29,21 @@ def test_engine_satisfies_protocol(engine):
     ids=["t1", "t0.7-topk40", "t1.3-topp0.9"],
 )
 def test_sampled_logprobs_match_teacher_forced(engine, models, sampling):
-    prompts = long_prompts(1)
-    out = engine.generate(prompts, 2, SamplingConfig(max_new_tokens=12, seed=3, **sampling))
-    assert [len(group) for group in out] == [2, 2]
-    assert all(len(r.token_ids) == len(r.logprobs) > 0 for group in out for r in group)
-    assert max_logprob_diff(models[0], prompts, out, **sampling) <= TOL
+    contract.check_sampled_logprobs_match_teacher_forced(engine, models[0], sampling)
 
 
 def test_update_weights_then_matches_new_model(engine, models):
-    model_a, model_b = models
-    prompts = long_prompts(2)
-    greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
-    before = engine.generate(prompts, 1, greedy)
-    assert max_logprob_diff(model_a, prompts, before, temperature=0.0) <= TOL
-
-    engine.update_weights(model_b.state_dict().items())
-
-    after = engine.generate(prompts, 1, greedy)
-    for prompt, group in zip(prompts, after):
-        assert group[0].token_ids == transformers_greedy(model_b, prompt, 12)
-    assert max_logprob_diff(model_b, prompts, after, temperature=0.0) <= TOL
-    # The check can fail: model A's log-probs of the same tokens are far away.
-    assert max_logprob_diff(model_a, prompts, after, temperature=0.0) > 1e-2
-    sampled = engine.generate(prompts, 2, SamplingConfig(max_new_tokens=12, seed=11))
-    assert max_logprob_diff(model_b, prompts, sampled, temperature=1.0) <= TOL
+    contract.check_update_weights_then_matches_new_model(engine, *models)
 
 
 def test_greedy_matches_transformers(engine, models):
-    prompts = long_prompts(3, lens=(300, 17, 64))
-    out = engine.generate(prompts, 1, SamplingConfig(temperature=0.0, max_new_tokens=20))
-    for prompt, group in zip(prompts, out):
-        assert group[0].token_ids == transformers_greedy(models[0], prompt, 20)
+    contract.check_greedy_matches_transformers(
+        engine, models[0], seed=3, lens=(300, 17, 64), max_new_tokens=20
+    )
 
 
 def test_same_seed_same_tokens_and_samples_differ(engine):
-    prompts = long_prompts(4, lens=(40, 33))
-    cfg = SamplingConfig(temperature=1.0, max_new_tokens=16, seed=1234)
-    first = engine.generate(prompts, 4, cfg)
-    second = engine.generate(prompts, 4, cfg)
-    assert [[r.token_ids for r in g] for g in first] == [[r.token_ids for r in g] for g in second]
-    for group in first:
-        assert len({tuple(r.token_ids) for r in group}) == 4, "n samples of one prompt should differ"
+    prompts, _, first = contract.check_same_seed_same_tokens_and_samples_differ(engine, seed=4)
     other_seed = engine.generate(prompts, 4, SamplingConfig(temperature=1.0, max_new_tokens=16, seed=99))
     assert [r.token_ids for r in other_seed[0]] != [r.token_ids for r in first[0]]
 
@@ -107,23 +57,7 @@ def test_seeded_tokens_do_not_depend_on_batch_rows(model_dirs):
 
 
 def test_finish_reason_length_and_stop_token(engine):
-    prompt = long_prompts(6, lens=(50,))
-    out = engine.generate(prompt, 1, SamplingConfig(temperature=0.0, max_new_tokens=6))[0][0]
-    assert out.finish_reason == "length" and len(out.token_ids) == 6
-    assert 2 not in out.token_ids  # EOS would have stopped it
-    stop_at = out.token_ids[3]
-    first_hit = out.token_ids.index(stop_at)
-    stopped = engine.generate(
-        prompt, 1, SamplingConfig(temperature=0.0, max_new_tokens=6, stop_token_ids=(stop_at,))
-    )[0][0]
-    assert stopped.finish_reason == "stop"
-    assert stopped.token_ids == out.token_ids[: first_hit + 1]
-    # Sampling: a stop set covering nearly the whole vocabulary ends every response at once.
-    sampled = engine.generate(
-        prompt, 3, SamplingConfig(max_new_tokens=6, seed=0, stop_token_ids=tuple(range(3, VOCAB)))
-    )[0]
-    for r in sampled:
-        assert r.finish_reason == "stop" and len(r.token_ids) == 1
+    contract.check_finish_reason_length_and_stop(engine, seed=6)
 
 
 def test_finish_reason_stop_at_eos_from_generation_config(engine, model_dirs, tmp_path):
@@ -229,8 +163,4 @@ def test_update_weights_tied_embeddings(tmp_path, with_lm_head):
     named = [(k, v) for k, v in model_b.state_dict().items() if with_lm_head or k != "lm_head.weight"]
     assert any(k == "lm_head.weight" for k, _ in named) == with_lm_head
     eng = create_engine("hf", dir_a)
-    eng.update_weights(named)
-    prompts = long_prompts(9, lens=(40,))
-    out = eng.generate(prompts, 1, SamplingConfig(temperature=0.0, max_new_tokens=8))
-    assert out[0][0].token_ids == transformers_greedy(model_b, prompts[0], 8)
-    assert max_logprob_diff(model_b, prompts, out, temperature=0.0) <= TOL
+    contract.check_update_weights_tied_embeddings(eng, model_b, named, seed=9, lens=(40,), warm_cache=False)

