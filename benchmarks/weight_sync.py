@@ -79,43 +79,26 @@ def _build_megatron(hf_dir: str, tp: int):
 
 def megatron_export(hf_model: torch.nn.Module) -> Callable[[], NamedTensors]:
     """Default export provider: ``iter_hf_tensors`` over a TP1 Megatron-Core model of ``hf_model``."""
-    from megatron.core import parallel_state as ps
-
-    from dapo_megatron.conversion.megatron_to_hf import iter_hf_tensors
 
     _init_single_process_megatron()
     with tempfile.TemporaryDirectory(prefix="weight_sync_megatron_") as tmp:
         hf_model.save_pretrained(tmp, safe_serialization=True)
         loaded = _build_megatron(tmp, tp=1)
-    groups = dict(
-        tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group()
-    )
-    return lambda: iter_hf_tensors(
-        loaded.model, loaded.arch, padded_vocab_size=loaded.padded_vocab_size, **groups
-    )
+    return loaded.hf_tensors
 
 
 def tp_export_rank(rank: int, world_size: int, hf_dir: str, repeats: int) -> dict | None:
     """On each of ``world_size`` ranks (TP = world size): time ``iter_hf_tensors`` and a copy of the
     same bytes; rank 0 returns ``{"copy_s", "export_s", "bytes"}``."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from dapo_megatron.conversion.megatron_to_hf import iter_hf_tensors
     from dapo_megatron.megatron.model import initialize_parallel
     from dapo_megatron.models import ParallelLayout
 
     initialize_parallel(ParallelLayout(tp=world_size, pp=1))
     loaded = _build_megatron(hf_dir, tp=world_size)
 
-    def export() -> NamedTensors:
-        return iter_hf_tensors(
-            loaded.model,
-            loaded.arch,
-            padded_vocab_size=loaded.padded_vocab_size,
-            tp_group=ps.get_tensor_model_parallel_group(),
-            pp_group=ps.get_pipeline_model_parallel_group(),
-        )
+    export = loaded.hf_tensors
 
     full = [t.clone() for _, t in export()]  # the same bytes, already full-size, for the copy floor
     dst = [torch.empty_like(t) for t in full]

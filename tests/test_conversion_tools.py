@@ -231,7 +231,9 @@ def test_bad_hf_input(work, tmp_path, capsys):
     tool = _tool("convert_hf_to_megatron")
     for case, (hf_dir, needle) in _bad_hf_dirs(work["hf"]["llama"], tmp_path).items():
         out = tmp_path / f"out_{case.replace(' ', '_')}"
-        assert tool.main(["--hf-dir", str(hf_dir), "--output", str(out)]) == 2, case
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(["--hf-dir", str(hf_dir), "--output", str(out)])
+        assert exit_info.value.code == 2, case
         err = capsys.readouterr().err
         assert needle in err, f"{case}: {err!r} does not name {needle!r}"
         assert not _leftovers(tmp_path, out.name), f"{case}: output left behind"
@@ -279,8 +281,12 @@ def test_bad_megatron_checkpoints(work, tmp_path, capsys):
         with pytest.raises(CheckpointError, match=needle.replace(".", r"\.")):
             validate_checkpoint(d)
         out = tmp_path / f"{name}.hf"
-        assert tool.main(["--megatron-dir", str(d), "--output", str(out), "--no-progress"]) == 2
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(["--megatron-dir", str(d), "--output", str(out), "--no-progress"])
+        assert exit_info.value.code == 2
         assert needle in capsys.readouterr().err
         assert not _leftovers(tmp_path, out.name)
-    assert tool.main(["--megatron-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--megatron-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
     assert "does not exist" in capsys.readouterr().err

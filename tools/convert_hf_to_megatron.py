@@ -36,29 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hash", action="store_true", help="skip sha256 of the source files in the metadata")
     args = p.parse_args(argv)
 
-    from dapo_megatron.conversion.checkpoint import CheckpointError
+    from dapo_megatron.conversion.cli import call_or_exit
     from dapo_megatron.conversion.convert import convert_hf_to_megatron
-    from dapo_megatron.parallel.launch import RankError
 
     t0 = time.perf_counter()
-    try:
-        stats = convert_hf_to_megatron(
-            args.hf_dir,
-            args.output,
-            tp=args.tp,
-            pp=args.pp,
-            dtype=args.dtype,
-            vocab_pad_multiple=args.vocab_pad_multiple,
-            hash_sources=not args.no_hash,
-            materialize=args.materialize,
-            progress=not args.no_progress,
-        )
-    except RankError as e:
-        print(f"error: {e.summary}", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, CheckpointError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    stats = call_or_exit(
+        convert_hf_to_megatron,
+        args.hf_dir,
+        args.output,
+        tp=args.tp,
+        pp=args.pp,
+        dtype=args.dtype,
+        vocab_pad_multiple=args.vocab_pad_multiple,
+        hash_sources=not args.no_hash,
+        materialize=args.materialize,
+        progress=not args.no_progress,
+    )
     print(
         f"wrote {args.output} (TP{args.tp}xPP{args.pp}, {args.dtype}) in {time.perf_counter() - t0:.1f} s: {stats}"
     )

@@ -29,27 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    from dapo_megatron.conversion.checkpoint import CheckpointError
+    from dapo_megatron.conversion.cli import call_or_exit
     from dapo_megatron.conversion.convert import convert_megatron_to_hf
     from dapo_megatron.conversion.hf_writer import parse_size
-    from dapo_megatron.parallel.launch import RankError
 
     t0 = time.perf_counter()
-    try:
-        stats = convert_megatron_to_hf(
-            args.megatron_dir,
-            args.output,
-            dtype=args.dtype,
-            max_shard_bytes=parse_size(args.max_shard_size),
-            progress=not args.no_progress,
-            in_process=True,
-        )
-    except RankError as e:
-        print(f"error: {e.summary}", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, CheckpointError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    stats = call_or_exit(
+        convert_megatron_to_hf,
+        args.megatron_dir,
+        args.output,
+        dtype=args.dtype,
+        max_shard_bytes=parse_size(args.max_shard_size),
+        progress=not args.no_progress,
+        in_process=True,
+    )
     print(
         f"wrote {args.output} ({len(stats['files'])} file(s), {stats['bytes']} bytes) in {time.perf_counter() - t0:.1f} s"
     )

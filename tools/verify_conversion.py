@@ -28,26 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tol", type=float, default=1e-4, help="max |logit diff| allowed (fp32)")
     args = p.parse_args(argv)
 
-    from dapo_megatron.conversion.checkpoint import CheckpointError
+    from dapo_megatron.conversion.cli import call_or_exit
     from dapo_megatron.conversion.verify import verify
-    from dapo_megatron.parallel.launch import RankError
 
-    try:
-        res = verify(
-            args.hf_dir,
-            megatron_dir=args.megatron_dir,
-            tp=args.tp,
-            pp=args.pp,
-            sp=args.sp,
-            dp=args.dp,
-            tolerance=args.tol,
-        )
-    except RankError as e:
-        print(f"error: {e.summary}", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    res = call_or_exit(
+        verify,
+        args.hf_dir,
+        megatron_dir=args.megatron_dir,
+        tp=args.tp,
+        pp=args.pp,
+        sp=args.sp,
+        dp=args.dp,
+        tolerance=args.tol,
+    )
     print(f"{res.layout}: max |logit diff| = {res.max_abs_logit_diff:.3e} (tolerance {res.tolerance:.1e})")
     if res.tensors is not None:
         t = res.tensors
