@@ -201,3 +201,24 @@ def test_no_informative_group_gives_up_with_counts(demo_inputs, tmp_path):
     assert r.returncode != 0
     err = r.stdout
     assert "dynamic sampling exhausted" in err and "max_num_gen_batches=2" in err
+
+
+def test_train_from_converted_checkpoint_resharded(demo_inputs, tmp_path):
+    """model.megatron_checkpoint: a TP1 conversion of a *different* policy trained at TP2. The
+    engine starts from hf_dir, so only the start-up weight sync makes its log-probs match."""
+    from dapo_megatron.conversion.convert import convert_hf_to_megatron
+    from dapo_megatron.demo_model import make_demo_model
+
+    other = make_demo_model(tmp_path / "other", seed=1, steps=60)
+    convert_hf_to_megatron(other, tmp_path / "ckpt", tp=1, pp=1)
+    run = tmp_path / "from_ckpt"
+    _train(
+        demo_inputs,
+        run,
+        f"model.megatron_checkpoint={tmp_path / 'ckpt'}",
+        "trainer.total_steps=1",
+        "trainer.val_every=0",
+        "checkpoint.export_hf_at_end=false",
+    )
+    (row,) = _metrics(run)
+    assert row["rollout/logprob_diff_mean"] < 1e-4, row["rollout/logprob_diff_mean"]

@@ -40,7 +40,11 @@ class DapoTrainer:
     def __init__(self, cfg: DapoConfig):
         from megatron.core import parallel_state as ps
 
-        from dapo_megatron.conversion.checkpoint import build_model_from_checkpoint, metadata_from_hf
+        from dapo_megatron.conversion.checkpoint import (
+            build_model_from_checkpoint,
+            metadata_from_hf,
+            validate_checkpoint,
+        )
         from dapo_megatron.megatron.loss import LossSettings
         from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
         from dapo_megatron.megatron.optim import build_optimizer, wrap_ddp
@@ -82,14 +86,17 @@ class DapoTrainer:
             micro_batch_size=p.micro_batch_size,
             log_prob_micro_batch_size=p.log_prob_micro_batch_size,
         )
-        self.metadata = metadata_from_hf(
-            cfg.model.hf_dir,
-            dtype=cfg.model.dtype,
-            vocab_pad_multiple=cfg.model.vocab_pad_multiple,
-            padded_vocab_size=self.loaded.padded_vocab_size,
-            written_layout={"tp": layout.tp, "pp": layout.pp},
-            hash_sources=False,
-        )
+        if cfg.model.megatron_checkpoint:
+            self.metadata = validate_checkpoint(cfg.model.megatron_checkpoint)[1]
+        else:
+            self.metadata = metadata_from_hf(
+                cfg.model.hf_dir,
+                dtype=cfg.model.dtype,
+                vocab_pad_multiple=cfg.model.vocab_pad_multiple,
+                padded_vocab_size=self.loaded.padded_vocab_size,
+                hash_sources=False,
+            )
+        self.metadata.written_layout = {"tp": layout.tp, "pp": layout.pp}
         # The export to the engine is collective over the TP x PP group of data-parallel rank 0.
         self.exports_weights = ps.get_data_parallel_rank() == 0
         self.save_dir = Path(cfg.checkpoint.save_dir or Path(cfg.trainer.run_dir) / "checkpoints")
@@ -274,8 +281,8 @@ class DapoTrainer:
 
         cfg = self.cfg
         self.maybe_resume()
-        if self.step > 0:
-            self.sync_weights()  # the engine starts from hf_dir; bring it to the resumed policy
+        if self.step > 0 or cfg.model.megatron_checkpoint:
+            self.sync_weights()  # the engine starts from hf_dir; bring it to the policy's weights
         logger = MetricsLogger(
             cfg.trainer.run_dir,
             jsonl=cfg.logging.jsonl,
