@@ -49,7 +49,7 @@ def load_hf_into_megatron(
         name = shift_layer(local_name, offset)
         row, layer = resolver.megatron(name)
         hf_names = row.hf_names(layer)
-        tensors = [reader.get(n) for n in hf_names]
+        tensors = [reader.read(n) for n in hf_names]  # plain reads: RSS bounded by live tensors
         row.transform.check(hf_names, tensors, ctx)
         shard = row.transform.to_shard(hf_names, tensors, ctx)
         if tuple(shard.shape) != tuple(param.shape):

@@ -27,6 +27,10 @@ from dapo_megatron.config import DapoConfig, save_config
 from dapo_megatron.trainer.batch import samples_to_batch
 from dapo_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
+# Token positions per chunk of the vocab-parallel log-prob computation: bounds its fp32 work buffer
+# to LOGPROB_CHUNK_TOKENS x (vocab / TP) (e.g. 78 MB for Qwen2.5's 152k vocabulary at TP=8).
+LOGPROB_CHUNK_TOKENS = 1024
+
 
 def _broadcast(obj: Any) -> Any:
     box = [obj]
@@ -82,7 +86,7 @@ class DapoTrainer:
             self.loaded,
             self.optimizer,
             self.scheduler,
-            LossSettings.from_algorithm_config(cfg.algorithm, logprob_chunk_size=1024),
+            LossSettings.from_algorithm_config(cfg.algorithm, logprob_chunk_size=LOGPROB_CHUNK_TOKENS),
             micro_batch_size=p.micro_batch_size,
             log_prob_micro_batch_size=p.log_prob_micro_batch_size,
         )
