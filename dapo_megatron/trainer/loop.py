@@ -142,11 +142,13 @@ class DapoTrainer:
     # ----------------------------------------------------------------------------------- steps
 
     def sync_weights(self) -> float:
-        """Push the policy's weights to the engine (collective over DP rank 0's TP x PP group)."""
+        """Wake the engine and push the policy's weights to it, in memory (collective over data-parallel
+        rank 0's TP x PP group; the engine lives on global rank 0)."""
         t0 = time.monotonic()
         if self.exports_weights:
             tensors = self.loaded.hf_tensors()
             if self.rank == 0:
+                self.engine.wake_up()
                 self.engine.update_weights(tensors)
             else:
                 for _ in tensors:  # take part in the collectives, discard the tensors
@@ -159,6 +161,7 @@ class DapoTrainer:
         rollout_metrics, batch = {}, None
         if self.rank == 0:
             samples, rollout_metrics = self.collector.collect()
+            self.engine.sleep()  # colocated GPUs: free the engine's memory for training (no-op on CPU)
             batch = samples_to_batch(
                 samples,
                 pad_id=self.tokenizer.pad_token_id or 0,
