@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         DapoTrainer(cfg).run()
     finally:
         parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an in-process vLLM engine may have torn it down on close()
+            dist.destroy_process_group()
     return 0
 
 

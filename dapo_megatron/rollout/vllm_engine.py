@@ -4,7 +4,11 @@ What the engine sets up, and why (measured facts in ``shared/VLLM_CPU.md``):
 
 - ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (unless already set): the engine core runs in this process,
   so :meth:`VLLMEngine.update_weights` hands tensors to the model directly (no disk, no pickling)
-  and start-up takes seconds instead of half a minute.
+  and start-up takes seconds instead of half a minute. Inside a multi-rank ``torch.distributed``
+  job (the trainer's driver rank) an in-process engine would create its process groups on the
+  trainer's world and hang, so there the core runs in its own process (``in_process=False``,
+  chosen automatically) and weights travel as ``safetensors`` bytes to a worker extension
+  (:mod:`dapo_megatron.rollout.vllm_worker`), still in memory.
 - ``VLLM_CPU_KVCACHE_SPACE`` (GiB, CPU build only; default ``kv_cache_gib=1``): without it the CPU
   build asks for most of the machine's RAM.
 - ``enforce_eager=True``; ``enable_chunked_prefill=False``: per-request seeds crash with chunked
@@ -21,6 +25,7 @@ What the engine sets up, and why (measured facts in ``shared/VLLM_CPU.md``):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 from collections.abc import Iterable
@@ -90,6 +95,7 @@ class VLLMEngine:
         kv_cache_gib: int = 1,
         enable_sleep_mode: bool = False,
         sleep_level: int = 1,
+        in_process: bool | None = None,
         **llm_kwargs,
     ) -> None:
         build = installed_vllm_build()
@@ -97,7 +103,10 @@ class VLLMEngine:
             raise ImportError(INSTALL_HINT)
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-        if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        if in_process is None:
+            in_process = not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
+        self.in_process = in_process
+        if in_process and os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             raise ValueError(
                 "VLLM_ENABLE_V1_MULTIPROCESSING must be 0 (in-process engine) for in-memory update_weights"
             )
@@ -124,7 +133,12 @@ class VLLMEngine:
             enable_sleep_mode=self._sleep_mode,
         )
         kwargs.update(llm_kwargs)
-        self.llm = vllm.LLM(**kwargs)
+        if in_process:
+            self.llm = vllm.LLM(**kwargs)
+        else:
+            kwargs["worker_extension_cls"] = "dapo_megatron.rollout.vllm_worker.WeightSyncExtension"
+            with _separate_engine_process_env():
+                self.llm = vllm.LLM(**kwargs)
         self._asleep = False
 
     def generate(
@@ -175,7 +189,13 @@ class VLLMEngine:
         changes no weight.
         """
         items = collect_named_tensors(named_tensors, self._expected_shapes, self._optional_names)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+        if self.in_process:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+        else:
+            from safetensors.torch import save
+
+            data = save({name: t.detach().cpu().contiguous() for name, t in items})
+            self.llm.collective_rpc("load_weights_from_bytes", args=(data,))
         # KV blocks cached for earlier prompts were computed with the old weights.
         self.llm.reset_prefix_cache()
 
@@ -200,3 +220,31 @@ class VLLMEngine:
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
         del llm
+
+
+@contextlib.contextmanager
+def _separate_engine_process_env():
+    """While vLLM starts its engine-core process: multiprocessing on, and none of torchrun's
+    variables, so the core sets up its own world of one instead of joining the trainer's."""
+    launcher = (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    )
+    saved = {k: v for k, v in os.environ.items() if k in launcher or k.startswith("TORCHELASTIC_")}
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    for key in saved:
+        del os.environ[key]
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
