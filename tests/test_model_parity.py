@@ -7,6 +7,7 @@ mask for the right padding. Tolerance: max |logit diff| <= 1e-4 (fp32), over val
 import pytest
 import torch
 
+from dapo_megatron.conversion.verify import make_batch
 from dapo_megatron.testing.distributed import run_on_ranks
 from tests._parity_ranks import logits_by_layout
 
@@ -14,21 +15,11 @@ TOL = 1e-4
 LENGTHS = [13, 7, 10, 4]  # right-padded to 13; an odd length exercises SP padding
 
 
-def _batch(vocab=1003, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(LENGTHS), max(LENGTHS), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(LENGTHS):
-        ids[i, :n] = torch.randint(3, vocab, (n,), generator=g)
-        mask[i, :n] = 1
-    return ids, mask
-
-
 @pytest.fixture(scope="module")
 def hf_reference(tiny_hf_dirs):
     from transformers import AutoModelForCausalLM
 
-    ids, mask = _batch()
+    ids, mask = make_batch(1003, LENGTHS)
     ref = {}
     for arch, d in tiny_hf_dirs.items():
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dapo_megatron.parallel.launch import free_port, launch
+from dapo_megatron.parallel.launch import launch
 
-__all__ = ["free_port", "run_on_ranks"]
+__all__ = ["run_on_ranks"]
 
 
 def run_on_ranks(
