@@ -694,6 +694,20 @@ def _set_path(tree: dict[str, Any], parts: list[str], value: Any, original: str)
     node[parts[-1]] = value
 
 
+def _derive_gen_batch_size(merged: dict[str, Any], explicit: bool) -> None:
+    """Without dynamic sampling one generation round is the training batch, so set
+    ``trainer.gen_batch_size = trainer.train_batch_size`` (a DAPO YAML's larger generation batch
+    then does not block ``--preset grpo``). A ``trainer.gen_batch_size=`` given on the command line
+    is kept as written, and validation rejects it if it differs."""
+    algo = merged.get("algorithm") or {}
+    trainer = merged.setdefault("trainer", {})
+    if explicit or not isinstance(algo, Mapping) or not isinstance(trainer, dict):
+        return
+    dynamic = algo.get("dynamic_sampling", AlgorithmConfig.dynamic_sampling)
+    if dynamic is False:
+        trainer["gen_batch_size"] = trainer.get("train_batch_size", TrainerConfig.train_batch_size)
+
+
 def load_config(
     path: str | Path | None,
     overrides: Sequence[str] = (),
@@ -745,6 +759,7 @@ def load_config(
     _deep_merge(merged, data)
     for parts, value, text in parsed:
         _set_path(merged, parts, value, text)
+    _derive_gen_batch_size(merged, explicit=any(parts == ["trainer", "gen_batch_size"] for parts, _, _ in parsed))
     cfg = config_from_dict(merged)
     cfg.validate(require_inputs=require_inputs)
     return cfg
@@ -772,5 +787,6 @@ def build_arg_parser(description: str = "DAPO training on Megatron-Core") -> arg
 
 def config_from_argv(argv: Sequence[str] | None = None) -> DapoConfig:
     """Parse ``argv`` with :func:`build_arg_parser` and :func:`load_config` the result."""
-    args = build_arg_parser().parse_args(argv)
+    # intermixed: options and overrides in any order (``a=1 --preset grpo b=2``)
+    args = build_arg_parser().parse_intermixed_args(argv)
     return load_config(args.config, args.overrides, preset=args.preset)

@@ -150,7 +150,10 @@ def test_override_value_types():
         ("trainer.total_steps=ten", "trainer.total_steps must be an int, got 'ten'"),
         ("data.shuffle=3", "data.shuffle must be a bool"),
         ("optimizer.min_lr=1", "optimizer.min_lr must be in [0, optimizer.lr="),
-        ("algorithm.dynamic_sampling=false", "trainer.gen_batch_size must equal trainer.train_batch_size"),
+        (
+            "algorithm.dynamic_sampling=false trainer.gen_batch_size=7",
+            "trainer.gen_batch_size must equal trainer.train_batch_size",
+        ),
         (
             "algorithm.overlong_buffer_len=30000",
             "algorithm.overlong_buffer_len must be < rollout.max_response_length",
@@ -166,7 +169,7 @@ def test_override_value_types():
 )
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ValueError) as info:
-        load_config(None, REQUIRED + [override])
+        load_config(None, REQUIRED + override.split(" "))
     assert message in str(info.value)
 
 
@@ -239,6 +242,26 @@ def test_validate_world():
     cfg.rollout.n = 3
     with pytest.raises(ValueError, match="3 sequences must be divisible by the data-parallel size 2"):
         cfg.validate_world(4)
+
+
+@pytest.mark.parametrize("preset", ["grpo", "dr_grpo", "dapo"])
+def test_presets_run_on_the_demo_config_as_written(preset):
+    """``--preset NAME`` on examples/demo_cpu.yaml (which sets a DAPO generation batch of 48 for a
+    training batch of 32) needs no extra override, with options and overrides in any order."""
+    yaml_cfg = yaml.safe_load(open("examples/demo_cpu.yaml"))
+    train_bs = yaml_cfg["trainer"]["train_batch_size"]
+    for argv in (
+        ["--config", "examples/demo_cpu.yaml", "--preset", preset],
+        ["trainer.total_steps=3", "--preset", preset, "trainer.seed=4", "--config", "examples/demo_cpu.yaml"],
+    ):
+        cfg = config_from_argv(argv)
+        dynamic = PRESETS[preset]["algorithm"]["dynamic_sampling"]
+        assert cfg.algorithm.dynamic_sampling is dynamic
+        assert cfg.trainer.gen_batch_size == (yaml_cfg["trainer"]["gen_batch_size"] if dynamic else train_bs)
+    assert (cfg.trainer.total_steps, cfg.trainer.seed) == (3, 4)
+    # no dynamic sampling: the generation batch follows the training batch, also when that is overridden
+    cfg = load_config(None, REQUIRED + ["algorithm.dynamic_sampling=false", "trainer.train_batch_size=64"])
+    assert cfg.trainer.gen_batch_size == 64
 
 
 def test_config_from_argv(tmp_path):
