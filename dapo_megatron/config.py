@@ -348,8 +348,31 @@ class AlgorithmConfig(_Section):
         "Truncated importance sampling cap for the rollout/trainer log-prob mismatch "
         "(weight min(exp(old - rollout), cap)); null = off.",
     )
+    token_weighting: Literal["none", "entropy_top_rho"] = _f(
+        "none",
+        "Per-token loss weights: none, or entropy_top_rho (train only on the top token_weighting_rho "
+        "fraction of valid tokens of each micro-batch by entropy; the token-mean count still counts "
+        "all valid tokens, see algo/token_weighting.py).",
+    )
+    token_weighting_rho: float = _f(0.2, "rho of entropy_top_rho, in (0, 1] (Wang et al. 2025: 0.2).")
+    policy_loss: Literal["dapo", "clip_cov", "kl_cov"] = _f(
+        "dapo",
+        "Policy loss on the shared clipped surrogate: dapo; clip_cov (no gradient on a random "
+        "clip_cov_ratio of the tokens whose log-prob/advantage covariance is in [clip_cov_lower, "
+        "clip_cov_upper]); kl_cov (+ kl_cov_coef * |log r| on the top kl_cov_ratio by covariance).",
+    )
+    clip_cov_ratio: float = _f(2e-4, "clip_cov: fraction of valid tokens detached, in [0, 1].")
+    clip_cov_lower: float = _f(1.0, "clip_cov: lower covariance bound of the eligible tokens.")
+    clip_cov_upper: float = _f(5.0, "clip_cov: upper covariance bound of the eligible tokens.")
+    kl_cov_ratio: float = _f(2e-3, "kl_cov: fraction of valid tokens penalised, in [0, 1].")
+    kl_cov_coef: float = _f(1.0, "kl_cov: coefficient of the |log-ratio| penalty (>= 0).")
 
     def validate(self) -> None:
+        self._require(0 < self.token_weighting_rho <= 1, "token_weighting_rho", "in (0, 1]")
+        self._require(0 <= self.clip_cov_ratio <= 1, "clip_cov_ratio", "in [0, 1]")
+        self._require(self.clip_cov_lower <= self.clip_cov_upper, "clip_cov_lower", "<= clip_cov_upper")
+        self._require(0 <= self.kl_cov_ratio <= 1, "kl_cov_ratio", "in [0, 1]")
+        self._require(self.kl_cov_coef >= 0, "kl_cov_coef", ">= 0")
         self._require(0 <= self.clip_ratio_low < 1, "clip_ratio_low", "in [0, 1)")
         self._require(self.clip_ratio_high >= 0, "clip_ratio_high", ">= 0")
         self._require(self.clip_ratio_c is None or self.clip_ratio_c > 1, "clip_ratio_c", "null or > 1")
@@ -398,7 +421,13 @@ class OptimizerConfig(_Section):
     adam_beta2: float = _f(0.999, "Adam beta2, in [0, 1).")
     adam_eps: float = _f(1e-8, "Adam epsilon (> 0).")
     clip_grad: float = _f(1.0, "Global gradient-norm clip; 0 = off.")
-    lr_warmup_steps: int = _f(20, "Linear warmup steps (optimizer steps).")
+    lr_warmup_steps: int = _f(
+        20,
+        "Linear warm-up length in optimizer steps (one per mini-batch update, i.e. "
+        "train_batch_size / ppo_mini_batch_size * ppo_epochs per training step): update k "
+        "(1-based) runs at lr * min(1, k / lr_warmup_steps), so the first update uses "
+        "lr / lr_warmup_steps; 0 = no warm-up.",
+    )
     lr_schedule: Literal["constant", "cosine"] = _f("constant", "Schedule after warmup.")
 
     def validate(self) -> None:

@@ -27,9 +27,10 @@ import torch
 from dapo_megatron.algo import (
     kl_penalty,
     loss_sum_and_count,
-    policy_loss,
     truncated_importance_weights,
 )
+from dapo_megatron.algo.cov_loss import cov_policy_loss
+from dapo_megatron.algo.token_weighting import entropy_top_rho_weights
 from dapo_megatron.megatron.logprobs import vocab_parallel_log_probs
 
 
@@ -46,9 +47,31 @@ class LossSettings:
     kl_type: str = "low_var_kl"
     tis_cap: float | None = None
     logprob_chunk_size: int | None = None
+    # Sampling temperature of the rollouts: every policy log-prob (old, new, reference) and the
+    # entropy are those of ``softmax(logits / temperature)``, the distribution the engine sampled.
+    temperature: float = 1.0
+    # ``seq-mean-token-sum-norm`` (Dr.GRPO) divides by ``#sequences * norm_length``, a constant
+    # (``rollout.max_response_length``): never the width of a micro-batch, which depends on the
+    # micro-batch size through trimming and includes prompt tokens. ``None``: that mode is refused.
+    norm_length: int | None = None
+    # Beyond DAPO (issue 18): entropy top-rho token weights and the policy-loss mode.
+    token_weighting: str = "none"
+    token_weighting_rho: float = 0.2
+    policy_loss: str = "dapo"
+    clip_cov_ratio: float = 2e-4
+    clip_cov_lower: float = 1.0
+    clip_cov_upper: float = 5.0
+    kl_cov_ratio: float = 2e-3
+    kl_cov_coef: float = 1.0
 
     @classmethod
-    def from_algorithm_config(cls, algo, logprob_chunk_size: int | None = None) -> LossSettings:
+    def from_algorithm_config(
+        cls,
+        algo,
+        logprob_chunk_size: int | None = None,
+        temperature: float = 1.0,
+        norm_length: int | None = None,
+    ) -> LossSettings:
         return cls(
             clip_ratio_low=algo.clip_ratio_low,
             clip_ratio_high=algo.clip_ratio_high,
@@ -59,6 +82,16 @@ class LossSettings:
             kl_type=algo.kl_type,
             tis_cap=algo.tis_cap,
             logprob_chunk_size=logprob_chunk_size,
+            temperature=temperature,
+            norm_length=norm_length,
+            token_weighting=algo.token_weighting,
+            token_weighting_rho=algo.token_weighting_rho,
+            policy_loss=algo.policy_loss,
+            clip_cov_ratio=algo.clip_cov_ratio,
+            clip_cov_lower=algo.clip_cov_lower,
+            clip_cov_upper=algo.clip_cov_upper,
+            kl_cov_ratio=algo.kl_cov_ratio,
+            kl_cov_coef=algo.kl_cov_coef,
         )
 
 
@@ -71,8 +104,15 @@ def token_log_probs(
     with_entropy: bool = False,
     chunk_size: int | None = None,
     sequence_major: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each token given its prefix, aligned with ``input_ids``: ``[b, s]``.
+
+    The policy's log-prob is that of the sampling distribution: with ``z`` this rank's logits
+    shard and ``T = temperature``, ``out = log_softmax(z / T)[target]`` (vocab-parallel) and the
+    entropy is that of ``softmax(z / T)``; ``d out / d z = (1[j == t] - p_j) / T``. Old, new and
+    reference log-probs all come from here, so they match the engine's (which samples from the
+    tempered logits) and each other. ``T = 1`` skips the division.
 
     ``out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`` for ``t >= 1``; ``out[:, 0] = 0``
     (the first token has no prediction). The entropy at ``t`` is that of the distribution that
@@ -87,8 +127,12 @@ def token_log_probs(
     # Targets for position t-1 are input_ids[t]; the last position predicts nothing (target 0).
     targets = torch.roll(input_ids, shifts=-1, dims=1)
     targets[:, -1] = 0
+    if not temperature > 0:
+        raise ValueError(f"token_log_probs: temperature must be > 0, got {temperature}")
     if sequence_major:
         logits, targets = logits.transpose(0, 1), targets.t()
+    if temperature != 1.0:
+        logits = logits / temperature  # keeps the strides of ``logits``: same gradient layout
     logp, ent = vocab_parallel_log_probs(
         logits,
         targets,
@@ -124,6 +168,7 @@ def dapo_loss(
         with_entropy=True,
         chunk_size=settings.logprob_chunk_size,
         sequence_major=True,  # GPTModel's own layout: no copies in its backward pass
+        temperature=settings.temperature,
     )
     mask = mb["response_mask"].bool()
     weights = mb.get("token_weights")
@@ -132,17 +177,41 @@ def dapo_loss(
             mb["old_log_probs"], mb["rollout_log_probs"], mask, settings.tis_cap
         )
         weights = tis if weights is None else weights * tis
-    per_token, m = policy_loss(
+    if settings.token_weighting == "entropy_top_rho":
+        # Selection over this micro-batch's valid tokens. The vocab-parallel entropy is already
+        # reduced over the TP group, so every TP rank selects the same tokens (no extra gather).
+        top = entropy_top_rho_weights(entropy.detach(), mask, settings.token_weighting_rho)
+        weights = top if weights is None else weights * top
+    elif settings.token_weighting != "none":
+        raise ValueError(f"algorithm.token_weighting must be none or entropy_top_rho, got {settings.token_weighting!r}")
+    generator = None
+    if settings.policy_loss == "clip_cov":
+        # Seeded by the micro-batch's tokens: every TP rank, and a resumed run, picks the same tokens.
+        generator = torch.Generator().manual_seed(int(mb["input_ids"].long().sum()))
+    per_token, m = cov_policy_loss(
         log_prob,
         mb["old_log_probs"],
         mb["advantages"],
         mask,
+        mode=settings.policy_loss,
         clip_ratio_low=settings.clip_ratio_low,
         clip_ratio_high=settings.clip_ratio_high,
         clip_ratio_c=settings.clip_ratio_c,
+        clip_cov_ratio=settings.clip_cov_ratio,
+        clip_cov_lower=settings.clip_cov_lower,
+        clip_cov_upper=settings.clip_cov_upper,
+        kl_cov_ratio=settings.kl_cov_ratio,
+        kl_cov_coef=settings.kl_cov_coef,
+        generator=generator,
     )
     # Importance weights (TIS) correct the policy-gradient term only, not the regularisers.
     loss_sum, count = loss_sum_and_count(per_token, mask, weights, mode=settings.loss_agg_mode)
+    if settings.loss_agg_mode == "seq-mean-token-sum-norm":
+        # Dr.GRPO's constant 1 / (G * MAX_TOKENS) per sequence, whatever the micro-batch trimming.
+        if not settings.norm_length:
+            raise ValueError("loss_agg_mode 'seq-mean-token-sum-norm' needs LossSettings.norm_length "
+                             "(rollout.max_response_length)")
+        count = torch.tensor(mask.shape[0] * settings.norm_length, dtype=torch.long)
     pg_sum, _ = loss_sum_and_count(per_token, mask, weights, mode="token-mean")
     regulariser = None
     if settings.entropy_coef:
