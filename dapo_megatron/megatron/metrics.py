@@ -54,6 +54,6 @@ def summarize_loss_metrics(totals: dict[str, float]) -> dict[str, float]:
         "ratio_mean": _ratio(totals["ratio_sum"], tokens),
         "ratio_max": totals["ratio_max"],
         "valid_tokens": tokens,
-        "response_length/mean": _ratio(totals["response_length_sum"], totals["sequences"]),
-        "response_length/max": totals["response_length_max"],
+        "train/response_length/mean": _ratio(totals["response_length_sum"], totals["sequences"]),
+        "train/response_length/max": totals["response_length_max"],
     }

@@ -20,6 +20,7 @@ import torch
 
 from dapo_megatron.megatron.loss import LossSettings, dapo_loss, token_log_probs
 from dapo_megatron.megatron.metrics import reduce_reports, summarize_loss_metrics
+from dapo_megatron.megatron.optim import optimizer_step
 from dapo_megatron.megatron.schedule import run_microbatches
 
 LOSS_REPORT_KEYS = (
@@ -120,6 +121,7 @@ class PolicyTrainer:
                 tp_group=self.tp_group,
                 vocab_size=vocab,
                 chunk_size=self.loss_settings.logprob_chunk_size,
+                temperature=self.loss_settings.temperature,
             )
             return mb["index"], logp.float().cpu()
 
@@ -133,7 +135,9 @@ class PolicyTrainer:
         self, batch: dict[str, torch.Tensor], *, mini_batch_size: int, epochs: int = 1
     ) -> dict[str, float]:
         """``epochs`` passes of mini-batch updates over ``batch``; one optimizer step per mini-batch,
-        each normalised by its own global token count. Advances the LR schedule by one step."""
+        each normalised by its own global token count. The LR schedule advances once per optimizer
+        step (:func:`~dapo_megatron.megatron.optim.optimizer_step`); ``metrics["lr"]`` is the
+        learning rate of this call's first update."""
         n = batch["input_ids"].shape[0]
         if n % mini_batch_size:
             raise ValueError(f"batch of {n} sequences is not divisible by mini_batch_size={mini_batch_size}")
@@ -144,14 +148,13 @@ class PolicyTrainer:
         if "old_log_probs" not in batch:
             raise ValueError("batch needs old_log_probs (call compute_log_probs first)")
         self.model.train()
-        lr = self.optimizer.param_groups[0]["lr"]
         loss_fn = partial(
             dapo_loss,
             settings=self.loss_settings,
             tp_group=self.tp_group,
             vocab_size=self.loaded.arch.vocab_size,
         )
-        reports, grad_norms, skipped = [], [], 0
+        reports, grad_norms, lrs, skipped = [], [], [], 0
         for _ in range(epochs):
             for start in range(0, n, mini_batch_size):
                 mbs = make_microbatches(
@@ -162,15 +165,15 @@ class PolicyTrainer:
                 reports += run_microbatches(
                     self.model, mbs, loss_fn, forward_only=False, sequence_parallel_multiple=self.sp_multiple
                 )
-                ok, grad_norm, _ = self.optimizer.step()
+                ok, grad_norm, _ = optimizer_step(self.optimizer, self.scheduler)
+                lrs.append(self.optimizer.param_groups[0]["lr"])
                 skipped += int(not ok)
                 grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
-        self.scheduler.step(increment=1)
         totals = reduce_reports(reports, keys=LOSS_REPORT_KEYS, contributes=self.reports_metrics)
         metrics = summarize_loss_metrics(totals)
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["grad_norm_max"] = max(grad_norms)
         metrics["num_updates"] = len(grad_norms)
         metrics["skipped_updates"] = skipped
-        metrics["lr"] = lr
+        metrics["lr"] = lrs[0]
         return metrics
