@@ -67,7 +67,8 @@ def make_batch(hf_dir, seed=0):
     }
 
 
-def reference_update(hf_dir, batch, mini_batch_size):
+def reference_update(hf_dir, batch, mini_batch_size, lrs=None):
+    """``lrs``: the learning rate of each mini-batch update (default: ``OPT["lr"]`` for all)."""
     model = _hf(hf_dir).train()
     params = dict(model.named_parameters())
     optim = torch.optim.AdamW(
@@ -93,6 +94,9 @@ def reference_update(hf_dir, batch, mini_batch_size):
         (loss_sum / tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), OPT["clip_grad"])
         grads = {n: p.grad.detach().clone() for n, p in params.items()}
+        if lrs is not None:
+            for group in optim.param_groups:
+                group["lr"] = lrs[start // mini_batch_size]
         optim.step()
         total_loss += loss_sum.item()
         total_tokens += tokens

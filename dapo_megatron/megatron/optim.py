@@ -37,11 +37,15 @@ def wrap_ddp(loaded, *, use_distributed_optimizer: bool | None = None):
     return model, use_distributed_optimizer
 
 
-def build_optimizer(loaded, opt_cfg, *, total_steps: int, use_distributed_optimizer: bool):
+def build_optimizer(
+    loaded, opt_cfg, *, total_steps: int, use_distributed_optimizer: bool, updates_per_step: int = 1
+):
     """Megatron optimizer + scheduler from ``dapo_megatron.config.OptimizerConfig``.
 
-    The schedule advances once per training step (one rollout batch), as in the DAPO paper's
-    "20 warm-up steps"; all mini-batch updates of a step share its learning rate.
+    The schedule counts optimizer steps (one per mini-batch update, as Megatron-LM's
+    ``--lr-warmup-iters``): ``total_steps * updates_per_step`` of them in the run. Use
+    :func:`optimizer_step` for every update, so that update ``k`` (1-based) runs at
+    ``lr * min(1, k / lr_warmup_steps)``: the first update uses ``lr / lr_warmup_steps``, not 0.
     """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -73,11 +77,23 @@ def build_optimizer(loaded, opt_cfg, *, total_steps: int, use_distributed_optimi
         max_lr=opt_cfg.lr,
         min_lr=opt_cfg.min_lr if opt_cfg.lr_schedule == "cosine" else opt_cfg.lr,
         lr_warmup_steps=warmup,
-        lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_steps=max(total_steps * updates_per_step, warmup + 1),
         lr_decay_style=opt_cfg.lr_schedule,
         start_wd=opt_cfg.weight_decay,
         end_wd=opt_cfg.weight_decay,
-        wd_incr_steps=max(total_steps, 1),
+        wd_incr_steps=max(total_steps * updates_per_step, 1),
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def optimizer_step(optimizer, scheduler):
+    """One optimizer update at the scheduled learning rate; returns ``optimizer.step()``'s result.
+
+    The scheduler advances *before* the update: Megatron's ``OptimizerParamScheduler`` sets
+    ``lr = init_lr + (max_lr - init_lr) * num_steps / warmup`` and starts at ``num_steps = 0``
+    (``init_lr = 0``), so stepping it after the update (Megatron-LM's order) would spend the first
+    update at learning rate 0. Advancing first makes update ``k`` use ``num_steps = k``.
+    """
+    scheduler.step(increment=1)
+    return optimizer.step()

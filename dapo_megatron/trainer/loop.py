@@ -80,6 +80,8 @@ class DapoTrainer:
             self.loaded,
             cfg.optimizer,
             total_steps=cfg.trainer.total_steps,
+            updates_per_step=(cfg.trainer.train_batch_size // cfg.trainer.ppo_mini_batch_size)
+            * cfg.trainer.ppo_epochs,
             use_distributed_optimizer=use_dist_opt,
         )
         self.policy = PolicyTrainer(
