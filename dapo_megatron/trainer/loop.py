@@ -14,7 +14,6 @@ The rollout engine lives on global rank 0 (the driver); every other rank only tr
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -80,15 +79,20 @@ class DapoTrainer:
             self.loaded,
             cfg.optimizer,
             total_steps=cfg.trainer.total_steps,
+            use_distributed_optimizer=use_dist_opt,
             updates_per_step=(cfg.trainer.train_batch_size // cfg.trainer.ppo_mini_batch_size)
             * cfg.trainer.ppo_epochs,
-            use_distributed_optimizer=use_dist_opt,
         )
         self.policy = PolicyTrainer(
             self.loaded,
             self.optimizer,
             self.scheduler,
-            LossSettings.from_algorithm_config(cfg.algorithm, logprob_chunk_size=LOGPROB_CHUNK_TOKENS),
+            LossSettings.from_algorithm_config(
+                cfg.algorithm,
+                logprob_chunk_size=LOGPROB_CHUNK_TOKENS,
+                temperature=cfg.rollout.temperature,
+                norm_length=cfg.rollout.max_response_length,
+            ),
             micro_batch_size=p.micro_batch_size,
             log_prob_micro_batch_size=p.log_prob_micro_batch_size,
         )
@@ -313,7 +317,6 @@ class DapoTrainer:
             desc="DAPO",
             unit="step",
         )
-        kill_after = int(os.environ.get("DAPO_DEBUG_SIGKILL_AFTER_STEP", "0"))
         while self.step < cfg.trainer.total_steps:
             self.step += 1
             metrics = self.train_step()
@@ -326,8 +329,6 @@ class DapoTrainer:
             bar.update(1)
             bar.set_postfix(acc=f"{metrics.get('acc/mean', 0):.3f}", loss=f"{metrics['loss']:.4f}")
             self._print(self.step, metrics)
-            if kill_after and self.step == kill_after and self.rank == 0:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted job
         bar.close()
         final = self.save_dir / f"step_{self.step:06d}"
         if latest_checkpoint(self.save_dir) != final:
