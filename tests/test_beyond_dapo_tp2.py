@@ -70,7 +70,7 @@ def reference(mode: str):
         for it in sorted(valid, key=lambda it: -cov[it])[:k]:
             loss = loss + KL_COEF * (logp[it] - old[it].double()).abs()
     loss.backward()
-    return float(loss), z.grad, len(valid)
+    return float(loss.detach()), z.grad, len(valid)
 
 
 def _ranks(rank: int, world_size: int) -> dict:
