@@ -61,6 +61,7 @@ def loss_sum_and_count(
     token_weights: torch.Tensor | None = None,
     *,
     mode: str = "token-mean",
+    norm_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Numerator and denominator of ``mode`` for callers that normalise globally.
 
@@ -69,6 +70,10 @@ def loss_sum_and_count(
         response_mask: ``[B, T]``, bool or 0/1; nonzero marks a valid token.
         token_weights: optional ``[B, T]`` multiplier of the loss inside the sum.
         mode: one of :data:`LOSS_AGG_MODES`.
+        norm_length: ``seq-mean-token-sum-norm`` only: the constant length ``T`` of its
+            ``B * T`` denominator (Dr.GRPO's generation budget); ``None`` = the padded width
+            ``per_token_loss.shape[1]``. A caller that trims micro-batches must pass it, or the
+            normaliser would change with the trimming.
 
     Returns:
         ``(loss_sum, count)``: a 0-dim float tensor (differentiable) and a 0-dim ``int64`` tensor,
@@ -96,7 +101,8 @@ def loss_sum_and_count(
     if mode == "seq-mean-token-sum":
         return loss.sum(), (tokens_per_row > 0).sum()
     # seq-mean-token-sum-norm
-    return loss.sum(), torch.tensor(loss.numel(), dtype=torch.long, device=loss.device)
+    length = loss.shape[1] if norm_length is None else norm_length
+    return loss.sum(), torch.tensor(loss.shape[0] * length, dtype=torch.long, device=loss.device)
 
 
 def aggregate_loss(

@@ -205,13 +205,14 @@ def dapo_loss(
         generator=generator,
     )
     # Importance weights (TIS) correct the policy-gradient term only, not the regularisers.
-    loss_sum, count = loss_sum_and_count(per_token, mask, weights, mode=settings.loss_agg_mode)
-    if settings.loss_agg_mode == "seq-mean-token-sum-norm":
-        # Dr.GRPO's constant 1 / (G * MAX_TOKENS) per sequence, whatever the micro-batch trimming.
-        if not settings.norm_length:
-            raise ValueError("loss_agg_mode 'seq-mean-token-sum-norm' needs LossSettings.norm_length "
-                             "(rollout.max_response_length)")
-        count = torch.tensor(mask.shape[0] * settings.norm_length, dtype=torch.long)
+    if settings.loss_agg_mode == "seq-mean-token-sum-norm" and not settings.norm_length:
+        # Dr.GRPO's constant 1 / (G * MAX_TOKENS) per sequence: micro-batches are trimmed, so
+        # their width must not stand in for MAX_TOKENS.
+        raise ValueError("loss_agg_mode 'seq-mean-token-sum-norm' needs LossSettings.norm_length "
+                         "(rollout.max_response_length)")
+    loss_sum, count = loss_sum_and_count(
+        per_token, mask, weights, mode=settings.loss_agg_mode, norm_length=settings.norm_length
+    )
     pg_sum, _ = loss_sum_and_count(per_token, mask, weights, mode="token-mean")
     regulariser = None
     if settings.entropy_coef:
