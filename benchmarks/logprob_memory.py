@@ -71,7 +71,7 @@ def _naive_log_probs(shard, targets, vocab: int, tp: int, with_entropy: bool):
 def child(args: argparse.Namespace) -> dict:
     import torch
 
-    from dapo_megatron.megatron.logprobs import vocab_parallel_log_probs
+    from dapo_megatron.policy.logprobs import vocab_parallel_log_probs
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

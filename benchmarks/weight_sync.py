@@ -62,17 +62,17 @@ def hf_state_dict_export(hf_model: torch.nn.Module) -> Callable[[], NamedTensors
 
 def _init_single_process_megatron() -> None:
     """A world of one (gloo on CPU, with the CPU redirection) and Megatron's TP1 PP1 state."""
-    from dapo_megatron.megatron.model import initialize_parallel
     from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.launch import init_single_process
+    from dapo_megatron.policy.model import initialize_parallel
 
     init_single_process()
     initialize_parallel(ParallelLayout(tp=1, pp=1))
 
 
 def _build_megatron(hf_dir: str, tp: int):
-    from dapo_megatron.megatron.model import build_model_from_hf
     from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.policy.model import build_model_from_hf
 
     return build_model_from_hf(hf_dir, ParallelLayout(tp=tp, pp=1))
 
@@ -92,8 +92,8 @@ def tp_export_rank(rank: int, world_size: int, hf_dir: str, repeats: int) -> dic
     same bytes; rank 0 returns ``{"copy_s", "export_s", "bytes"}``."""
     import torch.distributed as dist
 
-    from dapo_megatron.megatron.model import initialize_parallel
     from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.policy.model import initialize_parallel
 
     initialize_parallel(ParallelLayout(tp=world_size, pp=1))
     loaded = _build_megatron(hf_dir, tp=world_size)
@@ -208,7 +208,7 @@ def run_benchmark(
     with tempfile.TemporaryDirectory(prefix="weight_sync_") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if export_tp > 1:
-            from dapo_megatron.testing.distributed import run_on_ranks
+            from tests.helpers.distributed import run_on_ranks
 
             tp_report = run_on_ranks(tp_export_rank, export_tp, tmp, repeats, timeout=1800)[0]
             tp_report["tp"] = export_tp

@@ -13,7 +13,7 @@ def make_model_pair(root):
 
     hidden_size=128 gives head_dim 32 (the vLLM CPU attention kernels do not take head_dim 16).
     """
-    from dapo_megatron.testing.tiny_models import make_tiny_hf_model
+    from tests.helpers.tiny_models import make_tiny_hf_model
 
     dir_a, dir_b = root / "model_a", root / "model_b"
     make_tiny_hf_model("llama", dir_a, seed=0, hidden_size=128)
@@ -88,7 +88,7 @@ def transformers_greedy(model, prompt, max_new_tokens: int, eos_ids=(2,)) -> lis
 
 def make_tied_pair(root):
     """Two different random tiny Qwen2 models with tied embeddings (no ``lm_head.weight`` on disk)."""
-    from dapo_megatron.testing.tiny_models import make_tiny_hf_model
+    from tests.helpers.tiny_models import make_tiny_hf_model
 
     dir_a, dir_b = root / "tied_a", root / "tied_b"
     make_tiny_hf_model("qwen2-tied", dir_a, seed=2, hidden_size=128)

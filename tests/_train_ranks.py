@@ -23,11 +23,11 @@ def dapo_update(
     """
 
     from dapo_megatron.config import OptimizerConfig
-    from dapo_megatron.megatron.loss import LossSettings
-    from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
-    from dapo_megatron.megatron.optim import build_optimizer, wrap_ddp
-    from dapo_megatron.megatron.train_step import PolicyTrainer
     from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.policy.loss import LossSettings
+    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
+    from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
+    from dapo_megatron.policy.train_step import PolicyTrainer
 
     layout = ParallelLayout(tp=tp, pp=pp, sp=sp)
     initialize_parallel(layout)
@@ -56,10 +56,10 @@ def old_log_probs(rank, world_size, hf_dir, tp, pp, batch):
     """compute_log_probs at a layout; returns {sequence index: log-probs} from reporting ranks."""
     from megatron.core import parallel_state as ps
 
-    from dapo_megatron.megatron.loss import LossSettings
-    from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
-    from dapo_megatron.megatron.train_step import PolicyTrainer
     from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.policy.loss import LossSettings
+    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
+    from dapo_megatron.policy.train_step import PolicyTrainer
 
     layout = ParallelLayout(tp=tp, pp=pp)
     initialize_parallel(layout)

@@ -26,10 +26,10 @@ def export_and_score(
     import torch
     from safetensors.torch import save_file
 
-    from dapo_megatron.megatron.loss import LossSettings
-    from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
-    from dapo_megatron.megatron.train_step import PolicyTrainer
     from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.policy.loss import LossSettings
+    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
+    from dapo_megatron.policy.train_step import PolicyTrainer
 
     layout = ParallelLayout(tp=tp, pp=pp)
     initialize_parallel(layout)

@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_hf_dirs(tmp_path_factory):
     """One saved tiny random HF model per architecture: {arch: path}."""
-    from dapo_megatron.testing.tiny_models import TINY_ARCHS, make_tiny_hf_model
+    from tests.helpers.tiny_models import TINY_ARCHS, make_tiny_hf_model
 
     root = tmp_path_factory.mktemp("tiny_hf")
     dirs = {}

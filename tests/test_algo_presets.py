@@ -49,8 +49,8 @@ def test_replace_revalidates(override, name):
 
 
 def test_vocabularies_agree_with_the_config_section():
-    assert set(config.LOSS_AGG_MODES) == set(LOSS_AGG_MODES)
-    assert set(config.KL_TYPES) <= set(KL_ESTIMATORS)
+    assert set(config.schema.LOSS_AGG_MODES) == set(LOSS_AGG_MODES)
+    assert set(config.schema.KL_TYPES) <= set(KL_ESTIMATORS)
 
 
 @pytest.mark.parametrize("name", ["dapo", "grpo", "dr_grpo"])

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dapo_megatron.megatron.loss import LossSettings, dapo_loss
-from dapo_megatron.testing.distributed import run_on_ranks
+from dapo_megatron.policy.loss import LossSettings, dapo_loss
+from tests.helpers.distributed import run_on_ranks
 
 LOSS_ATOL = 2e-5
 GRAD_ATOL = 2e-6

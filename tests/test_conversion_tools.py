@@ -21,8 +21,8 @@ from dapo_megatron.conversion.checkpoint import CheckpointError, validate_checkp
 from dapo_megatron.conversion.hf_io import HFCheckpointReader
 from dapo_megatron.conversion.verify import make_batch
 from dapo_megatron.parallel.launch import launch
-from dapo_megatron.testing.distributed import run_on_ranks
 from tests import _conversion_ranks as ranks
+from tests.helpers.distributed import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -68,7 +68,7 @@ def work(tiny_hf_dirs, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from dapo_megatron.conversion.convert import convert_hf_to_megatron_many
-    from dapo_megatron.testing.tiny_models import tiny_hf_config
+    from tests.helpers.tiny_models import tiny_hf_config
 
     root = tmp_path_factory.mktemp("conv")
     hf = dict(tiny_hf_dirs)
@@ -184,7 +184,7 @@ def test_cli_convert_and_verify(work, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "TP1xPP2xDP1: max |logit diff|" in res.stdout and "0 differ, 0 missing" in res.stdout
     # Same architecture, different weights: tensors differ and logits are off -> exit 1.
-    from dapo_megatron.testing.tiny_models import make_tiny_hf_model
+    from tests.helpers.tiny_models import make_tiny_hf_model
 
     make_tiny_hf_model("qwen3", tmp_path / "other", seed=99)
     res = _run_cli("verify_conversion", "--hf-dir", tmp_path / "other", "--megatron-dir", out)

@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from dapo_megatron.config import DataConfig
-from dapo_megatron.data.demo_task import make_demo_rows, write_demo_dataset, write_rows
 from dapo_megatron.data.prompts import (
     PromptDataset,
     dataset_from_config,
@@ -21,6 +20,7 @@ from dapo_megatron.data.prompts import (
     load_prompt_records,
 )
 from dapo_megatron.data.sampler import EpochSampler
+from dapo_megatron.demo.task import make_demo_rows, write_demo_dataset, write_rows
 from dapo_megatron.rewards.math import compute_score
 
 

@@ -8,14 +8,14 @@ import random
 import pytest
 import torch
 
-from dapo_megatron.data.demo_task import make_demo_rows
-from dapo_megatron.demo_model import (
+from dapo_megatron.demo.model import (
     build_tokenizer,
     evaluate_sampled_accuracy,
     main,
     make_demo_model,
     noisy_answer,
 )
+from dapo_megatron.demo.task import make_demo_rows
 from dapo_megatron.rewards.math import compute_score
 
 # A cheap build (a few SFT steps) for the tests that only look at files and determinism.

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dapo_megatron.testing.distributed import run_on_ranks
 from tests._parity_ranks import export_roundtrip
+from tests.helpers.distributed import run_on_ranks
 
 
 @pytest.mark.distributed

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dapo_megatron.megatron.loss import LossSettings, token_log_probs
-from dapo_megatron.megatron.metrics import summarize_loss_metrics
-from dapo_megatron.testing.distributed import run_on_ranks
+from dapo_megatron.policy.loss import LossSettings, token_log_probs
+from dapo_megatron.policy.metrics import summarize_loss_metrics
+from tests.helpers.distributed import run_on_ranks
 
 VALUE_ATOL = 5e-6  # log-probs and entropy, fp32
 GRAD_ATOL = 3e-6  # gradient of the logits, fp32
@@ -120,8 +120,8 @@ def test_dr_grpo_normaliser_independent_of_micro_batching():
     """``seq-mean-token-sum-norm``: the global loss (sum over micro-batches / summed count) is the
     same with 1 and with 4 micro-batches (trimmed to different widths) of the same sequences,
     and its denominator is ``N * max_response_length``, not the trimmed widths (prompt included)."""
-    from dapo_megatron.megatron.loss import dapo_loss
-    from dapo_megatron.megatron.train_step import make_microbatches
+    from dapo_megatron.policy.loss import dapo_loss
+    from dapo_megatron.policy.train_step import make_microbatches
 
     gen = torch.Generator().manual_seed(3)
     n, s, vocab, max_response = 4, 9, 50, 16

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dapo_megatron.megatron.logprobs import vocab_parallel_log_probs
-from dapo_megatron.testing.distributed import run_on_ranks
+from dapo_megatron.policy.logprobs import vocab_parallel_log_probs
+from tests.helpers.distributed import run_on_ranks
 
 FP32_VALUE_ATOL = 5e-6  # log-probs (magnitude <= ~40: a few fp32 ulps) and entropy
 FP32_GRAD_ATOL = 3e-6  # gradients of the logits (magnitude <= ~4), fp32
@@ -296,7 +296,7 @@ def test_strided_input_gradient_is_contiguous_in_given_shape():
 
 def test_token_log_probs_sequence_major_same_values_and_grads():
     """``token_log_probs(sequence_major=True)`` changes only the gradient's memory order."""
-    from dapo_megatron.megatron.loss import token_log_probs
+    from dapo_megatron.policy.loss import token_log_probs
 
     logits, _, g_lp, g_ent = make_case(14, 300, 304, shape=(2, 9))
     input_ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(14))

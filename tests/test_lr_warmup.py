@@ -7,8 +7,8 @@ the plain PyTorch AdamW reference of ``test_train_step_parity`` run at the hand-
 
 import pytest
 
-from dapo_megatron.testing.distributed import run_on_ranks
 from tests._train_ranks import dapo_update
+from tests.helpers.distributed import run_on_ranks
 from tests.test_train_step_parity import OPT, _compare, make_batch, reference_update
 
 WARMUP = 4

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dapo_megatron.conversion.verify import make_batch
-from dapo_megatron.testing.distributed import run_on_ranks
 from tests._parity_ranks import logits_by_layout
+from tests.helpers.distributed import run_on_ranks
 
 TOL = 1e-4
 LENGTHS = [13, 7, 10, 4]  # right-padded to 13; an odd length exercises SP padding

@@ -16,7 +16,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_parameter_count_equals_transformers(family):
     import transformers
 
-    from dapo_megatron.testing.tiny_models import tiny_hf_config
+    from tests.helpers.tiny_models import tiny_hf_config
 
     hf_config = tiny_hf_config(family)
     torch.manual_seed(0)

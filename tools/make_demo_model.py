@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the tiny starting policy of the CPU demo (see ``dapo_megatron.demo_model``).
+"""Build the tiny starting policy of the CPU demo (see ``dapo_megatron.demo.model``).
 
     python tools/make_demo_model.py --out models/demo [--seed 0 --max-operand 9 --ops + --eval]
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from dapo_megatron.demo_model import main  # noqa: E402
+from dapo_megatron.demo.model import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ One concern per module: ``policy_loss`` (clipped surrogate), ``aggregation`` (lo
 ``dynamic_sampling`` (group filter and batch refill), ``kl`` (optional KL estimators), ``importance``
 (trainer / inference mismatch), ``presets`` (GRPO, DAPO, Dr.GRPO). The optional entropy bonus needs
 no function of its own: ``loss - entropy_coef * aggregate_loss(entropy, mask, mode)`` with the
-per-token entropy from :mod:`dapo_megatron.megatron.logprobs`.
+per-token entropy from :mod:`dapo_megatron.policy.logprobs`.
 """
 
 from dapo_megatron.algo.advantages import broadcast_advantages, group_advantages

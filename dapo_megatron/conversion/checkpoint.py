@@ -310,11 +310,11 @@ def load_model_checkpoint(model, path: str | Path, *, strict: bool = True) -> Ch
 def build_model_from_checkpoint(path: str | Path, layout, *, recompute: str = "none"):
     """Build this rank's model at ``layout`` from a model checkpoint and load it.
 
-    Call after :func:`dapo_megatron.megatron.model.initialize_parallel`. Returns a
-    :class:`~dapo_megatron.megatron.model.LoadedModel`.
+    Call after :func:`dapo_megatron.policy.model.initialize_parallel`. Returns a
+    :class:`~dapo_megatron.policy.model.LoadedModel`.
     """
-    from dapo_megatron.megatron.model import LoadedModel
     from dapo_megatron.models import build_gpt_model, transformer_config_from_arch
+    from dapo_megatron.policy.model import LoadedModel
 
     ckpt, metadata = validate_checkpoint(path)
     arch = metadata.model_arch()

@@ -105,7 +105,7 @@ def _hf_to_megatron_rank(
     vocab_pad_multiple: int,
 ):
     """On every rank: build at (tp, pp), load each HF dir, save it into its (existing, empty) dir."""
-    from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
+    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
 
     layout = ParallelLayout(tp=tp, pp=pp)
     initialize_parallel(layout)
@@ -125,7 +125,7 @@ def _hf_to_megatron_stream_rank(
 ):
     """One TP1/PP1 process: stream each HF dir into its (existing, empty) dir, no model built."""
     from dapo_megatron.conversion.stream_save import write_checkpoint_from_hf
-    from dapo_megatron.megatron.model import initialize_parallel
+    from dapo_megatron.policy.model import initialize_parallel
 
     initialize_parallel(ParallelLayout())
     stats = []
@@ -230,8 +230,8 @@ def checkpoint_hf_tensors(
     """
     from megatron.core import parallel_state
 
-    from dapo_megatron.megatron.model import initialize_parallel
     from dapo_megatron.models import build_gpt_model, transformer_config_from_arch
+    from dapo_megatron.policy.model import initialize_parallel
 
     arch = metadata.model_arch()
     layout = ParallelLayout()

@@ -47,9 +47,9 @@ def _verify_rank(rank, world_size, hf_dir, megatron_dir, tp, pp, sp, input_ids):
 
     from dapo_megatron.conversion.checkpoint import build_model_from_checkpoint
     from dapo_megatron.conversion.hf_io import HFCheckpointReader
-    from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
-    from dapo_megatron.megatron.schedule import run_microbatches
     from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
+    from dapo_megatron.policy.schedule import run_microbatches
 
     layout = ParallelLayout(tp=tp, pp=pp, sp=sp)
     initialize_parallel(layout)

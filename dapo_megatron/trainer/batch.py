@@ -1,4 +1,4 @@
-"""From rollout samples to the training batch tensors of :mod:`dapo_megatron.megatron.train_step`."""
+"""From rollout samples to the training batch tensors of :mod:`dapo_megatron.policy.train_step`."""
 
 from __future__ import annotations
 

@@ -48,11 +48,11 @@ class DapoTrainer:
             metadata_from_hf,
             validate_checkpoint,
         )
-        from dapo_megatron.megatron.loss import LossSettings
-        from dapo_megatron.megatron.model import build_model_from_hf, initialize_parallel
-        from dapo_megatron.megatron.optim import build_optimizer, wrap_ddp
-        from dapo_megatron.megatron.train_step import PolicyTrainer
         from dapo_megatron.models import ParallelLayout
+        from dapo_megatron.policy.loss import LossSettings
+        from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
+        from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
+        from dapo_megatron.policy.train_step import PolicyTrainer
 
         self.cfg = cfg
         self.rank = dist.get_rank()
@@ -202,7 +202,7 @@ class DapoTrainer:
 
     def _mismatch(self, batch) -> dict[str, float]:
         """Trainer vs engine log-probs of the same tokens, reduced over all sequences."""
-        from dapo_megatron.megatron.metrics import reduce_reports
+        from dapo_megatron.policy.metrics import reduce_reports
 
         n = batch["input_ids"].shape[0]
         mine = [i for i in range(n) if i % self.dp == self.policy.dp_rank]

@@ -31,7 +31,7 @@ from dapo_megatron.algo import (
 )
 from dapo_megatron.algo.cov_loss import cov_policy_loss
 from dapo_megatron.algo.token_weighting import entropy_top_rho_weights
-from dapo_megatron.megatron.logprobs import vocab_parallel_log_probs
+from dapo_megatron.policy.logprobs import vocab_parallel_log_probs
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def dapo_loss(
     """Megatron loss function: ``(loss_sum, count, report)`` for one micro-batch.
 
     ``report`` holds *sums* (and maxima) so that metrics can be reduced exactly across
-    micro-batches and ranks by :func:`dapo_megatron.megatron.metrics.reduce_reports`.
+    micro-batches and ranks by :func:`dapo_megatron.policy.metrics.reduce_reports`.
     """
     s = mb["input_ids"].shape[1]
     logits = logits[:, :s]  # drop sequence-parallel padding, if any

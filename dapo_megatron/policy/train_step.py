@@ -1,7 +1,7 @@
 """One DAPO policy update on a Megatron-Core model: old log-probs, then mini-batch updates.
 
 :class:`PolicyTrainer` owns the (DDP-wrapped) model, the optimizer and the scheduler. It never
-computes the loss itself (:mod:`dapo_megatron.megatron.loss` does) and never decides what to
+computes the loss itself (:mod:`dapo_megatron.policy.loss` does) and never decides what to
 train on (the trainer loop does).
 
 Batch format: a dict of tensors over the *global* batch of ``N`` sequences, identical on every
@@ -18,10 +18,10 @@ from functools import partial
 
 import torch
 
-from dapo_megatron.megatron.loss import LossSettings, dapo_loss, token_log_probs
-from dapo_megatron.megatron.metrics import reduce_reports, summarize_loss_metrics
-from dapo_megatron.megatron.optim import optimizer_step
-from dapo_megatron.megatron.schedule import run_microbatches
+from dapo_megatron.policy.loss import LossSettings, dapo_loss, token_log_probs
+from dapo_megatron.policy.metrics import reduce_reports, summarize_loss_metrics
+from dapo_megatron.policy.optim import optimizer_step
+from dapo_megatron.policy.schedule import run_microbatches
 
 LOSS_REPORT_KEYS = (
     "loss_sum",
@@ -136,7 +136,7 @@ class PolicyTrainer:
     ) -> dict[str, float]:
         """``epochs`` passes of mini-batch updates over ``batch``; one optimizer step per mini-batch,
         each normalised by its own global token count. The LR schedule advances once per optimizer
-        step (:func:`~dapo_megatron.megatron.optim.optimizer_step`); ``metrics["lr"]`` is the
+        step (:func:`~dapo_megatron.policy.optim.optimizer_step`); ``metrics["lr"]`` is the
         learning rate of this call's first update."""
         n = batch["input_ids"].shape[0]
         if n % mini_batch_size:

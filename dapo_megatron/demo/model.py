@@ -22,7 +22,7 @@ one thread with its own seeded generators and leaves the global RNG state alone)
 
 CLI::
 
-    python -m dapo_megatron.demo_model --out models/demo [--seed 0] [--eval]
+    python -m dapo_megatron.demo.model --out models/demo [--seed 0] [--eval]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from dapo_megatron.data.demo_task import INSTRUCTION, make_demo_rows
+from dapo_megatron.demo.task import INSTRUCTION, make_demo_rows
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -136,7 +136,7 @@ class DemoModelConfig:
     """Everything that determines the built model (saved as ``demo_model.json``)."""
 
     seed: int = 0
-    # task (see dapo_megatron.data.demo_task.make_demo_rows)
+    # task (see dapo_megatron.demo.task.make_demo_rows)
     max_operand: int = 9
     ops: tuple[str, ...] = ("+",)
     num_train: int = 512
@@ -294,7 +294,7 @@ def make_demo_model(
             ``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json``,
             ``chat_template.jinja`` and ``demo_model.json`` with the build settings).
         seed: seeds the weights, the train rows and the label noise.
-        max_operand, ops: the task (:func:`~dapo_megatron.data.demo_task.make_demo_rows`); use
+        max_operand, ops: the task (:func:`~dapo_megatron.demo.task.make_demo_rows`); use
             the same values for the demo dataset.
         overwrite: replace an existing ``out_dir`` (otherwise it is an error).
         options: any other :class:`DemoModelConfig` field (``p_correct``, ``steps``,

@@ -41,7 +41,7 @@ def _ratio(num: float, den: float) -> float:
 
 
 def summarize_loss_metrics(totals: dict[str, float]) -> dict[str, float]:
-    """Means of the DAPO loss report (``dapo_megatron.megatron.loss.dapo_loss``)."""
+    """Means of the DAPO loss report (``dapo_megatron.policy.loss.dapo_loss``)."""
     tokens = totals["tokens"]
     return {
         "loss": _ratio(totals["loss_sum"], totals["loss_count"]),

@@ -39,7 +39,7 @@ the fp32 shard with entropy, 1.0x without (CPU), against 24x-40x for gather + lo
 
 Layout. Logits are read through their strides, never copied: a ``[T, B, V]`` view of ``[B, T, V]``
 memory is fine. The gradient is allocated contiguous in the shape *given*, so a caller can choose
-the memory order its upstream wants (see :func:`dapo_megatron.megatron.loss.dapo_loss`).
+the memory order its upstream wants (see :func:`dapo_megatron.policy.loss.dapo_loss`).
 """
 
 from __future__ import annotations

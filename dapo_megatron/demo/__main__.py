@@ -17,13 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "demo_cpu.yaml"
 
 
 def prepare(demo_dir: Path) -> None:
-    from dapo_megatron.data.demo_task import write_demo_dataset
-    from dapo_megatron.demo_model import make_demo_model
+    from dapo_megatron.demo.model import make_demo_model
+    from dapo_megatron.demo.task import write_demo_dataset
 
     if not (demo_dir / "model" / "config.json").exists():
         print("[demo] building the warm-started tiny model ...", flush=True)
