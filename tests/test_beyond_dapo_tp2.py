@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.algo import AlgorithmConfig
 from dapo_megatron.policy.loss import LossSettings, dapo_loss
 from tests.helpers.distributed import run_on_ranks
 
@@ -80,8 +81,8 @@ def _ranks(rank: int, world_size: int) -> dict:
     mb = {"input_ids": ids, "response_mask": mask, "advantages": adv, "old_log_probs": old}
     out = {}
     for mode, settings in (
-        ("top_rho", LossSettings(token_weighting="entropy_top_rho", token_weighting_rho=RHO)),
-        ("kl_cov", LossSettings(policy_loss="kl_cov", kl_cov_ratio=KL_RATIO, kl_cov_coef=KL_COEF)),
+        ("top_rho", LossSettings(algorithm=AlgorithmConfig(token_weighting="entropy_top_rho", token_weighting_rho=RHO))),
+        ("kl_cov", LossSettings(algorithm=AlgorithmConfig(policy_loss="kl_cov", kl_cov_ratio=KL_RATIO, kl_cov_coef=KL_COEF))),
     ):
         mine = logits[..., rank * shard : (rank + 1) * shard].float().requires_grad_()
         loss_sum, count, _ = dapo_loss(mb, mine, settings=settings, tp_group=dist.group.WORLD, vocab_size=VOCAB)

@@ -204,9 +204,10 @@ def test_direct_construction_validates():
     with pytest.raises(ValueError, match="parallel.micro_batch_size must be an int"):
         ParallelConfig(micro_batch_size="2")
     a = AlgorithmConfig()
-    a.clip_ratio_low = -0.1
+    with pytest.raises(dataclasses.FrozenInstanceError):  # the algorithm config is frozen
+        a.clip_ratio_low = -0.1
     with pytest.raises(ValueError, match="algorithm.clip_ratio_low"):
-        DapoConfig(algorithm=a)
+        dataclasses.replace(a, clip_ratio_low=-0.1)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.algo import AlgorithmConfig
 from dapo_megatron.policy.loss import LossSettings, token_log_probs
 from dapo_megatron.policy.metrics import summarize_loss_metrics
 from tests.helpers.distributed import run_on_ranks
@@ -94,9 +95,7 @@ def test_temperature_must_be_positive():
 
 
 def test_loss_settings_carry_rollout_temperature():
-    from dapo_megatron.config import AlgorithmConfig
-
-    settings = LossSettings.from_algorithm_config(AlgorithmConfig(), temperature=0.6)
+    settings = LossSettings(algorithm=AlgorithmConfig(), temperature=0.6)
     assert settings.temperature == 0.6
 
 
@@ -138,7 +137,7 @@ def test_dr_grpo_normaliser_independent_of_micro_batching():
         "old_log_probs": -torch.rand(n, s, generator=gen),
     }
     logits = torch.randn(n, s, vocab, generator=gen)
-    settings = LossSettings(loss_agg_mode="seq-mean-token-sum-norm", norm_length=max_response)
+    settings = LossSettings(algorithm=AlgorithmConfig(loss_agg_mode="seq-mean-token-sum-norm"), norm_length=max_response)
 
     def global_loss(micro_batch_size):
         total, count = 0.0, 0
@@ -158,7 +157,7 @@ def test_dr_grpo_normaliser_independent_of_micro_batching():
         dapo_loss(
             make_microbatches(batch, [0], 1)[0],
             logits[:1],
-            settings=LossSettings(loss_agg_mode="seq-mean-token-sum-norm"),
+            settings=LossSettings(algorithm=AlgorithmConfig(loss_agg_mode="seq-mean-token-sum-norm")),
             tp_group=None,
             vocab_size=vocab,
         )

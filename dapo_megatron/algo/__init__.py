@@ -9,13 +9,15 @@ weights) is defined once, in :mod:`dapo_megatron.algo.aggregation`.
 One concern per module: ``policy_loss`` (clipped surrogate), ``aggregation`` (loss modes),
 ``advantages`` (group-relative advantages), ``reward_shaping`` (overlong penalty / filter),
 ``dynamic_sampling`` (group filter and batch refill), ``kl`` (optional KL estimators), ``importance``
-(trainer / inference mismatch), ``presets`` (GRPO, DAPO, Dr.GRPO). The optional entropy bonus needs
+(trainer / inference mismatch), ``config`` (the one frozen algorithm config), ``presets`` (GRPO,
+DAPO, Dr.GRPO as instances of it). The optional entropy bonus needs
 no function of its own: ``loss - entropy_coef * aggregate_loss(entropy, mask, mode)`` with the
 per-token entropy from :mod:`dapo_megatron.policy.logprobs`.
 """
 
 from dapo_megatron.algo.advantages import broadcast_advantages, group_advantages
 from dapo_megatron.algo.aggregation import LOSS_AGG_MODES, aggregate_loss, loss_sum_and_count
+from dapo_megatron.algo.config import AlgorithmConfig
 from dapo_megatron.algo.dynamic_sampling import (
     DynamicSampler,
     DynamicSamplingExhaustedError,
@@ -24,14 +26,14 @@ from dapo_megatron.algo.dynamic_sampling import (
 from dapo_megatron.algo.importance import logprob_mismatch_metrics, truncated_importance_weights
 from dapo_megatron.algo.kl import KL_ESTIMATORS, kl_penalty
 from dapo_megatron.algo.policy_loss import policy_loss
-from dapo_megatron.algo.presets import ALGORITHM_PRESETS, AlgorithmPreset, get_preset
+from dapo_megatron.algo.presets import ALGORITHM_PRESETS, get_preset
 from dapo_megatron.algo.reward_shaping import overlong_mask, overlong_penalty
 
 __all__ = [
     "ALGORITHM_PRESETS",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
-    "AlgorithmPreset",
+    "AlgorithmConfig",
     "DynamicSampler",
     "DynamicSamplingExhaustedError",
     "aggregate_loss",

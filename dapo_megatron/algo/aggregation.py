@@ -38,16 +38,17 @@ not both.
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 
 from dapo_megatron.algo._common import as_bool_mask, check_rank, check_same_shape, compute_dtype
 
-LOSS_AGG_MODES: tuple[str, ...] = (
-    "token-mean",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
+LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+"""The loss aggregation modes (the type of ``AlgorithmConfig.loss_agg_mode``)."""
+
+LOSS_AGG_MODES: tuple[str, ...] = typing.get_args(LossAggMode)
 
 
 def _check_mode(mode: str) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import typing
+from typing import Literal
 
 import torch
 
 from dapo_megatron.algo._common import as_bool_mask, check_rank, check_same_shape, compute_dtype
 from dapo_megatron.algo.policy_loss import LOG_RATIO_CLAMP, policy_loss
 
-POLICY_LOSS_MODES = ("dapo", "clip_cov", "kl_cov")
+PolicyLossMode = Literal["dapo", "clip_cov", "kl_cov"]
+"""The modes (the type of ``AlgorithmConfig.policy_loss``)."""
+POLICY_LOSS_MODES: tuple[str, ...] = typing.get_args(PolicyLossMode)
 
 
 def token_covariance(log_prob: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from the token rewards (KL in reward).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -42,6 +43,9 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "low_var_kl": _k3,
 }
 """Estimator name -> function of the log-ratio ``x = log_prob - ref_log_prob``."""
+
+KLType = Literal[tuple(KL_ESTIMATORS)]  # type: ignore[valid-type]
+"""The estimator names (the type of ``AlgorithmConfig.kl_type``)."""
 
 
 def kl_penalty(

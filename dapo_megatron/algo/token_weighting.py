@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import typing
+from typing import Literal
 
 import torch
 
 from dapo_megatron.algo._common import as_bool_mask, check_rank, check_same_shape
 
-TOKEN_WEIGHTINGS = ("none", "entropy_top_rho")
+TokenWeighting = Literal["none", "entropy_top_rho"]
+"""The modes (the type of ``AlgorithmConfig.token_weighting``)."""
+TOKEN_WEIGHTINGS: tuple[str, ...] = typing.get_args(TokenWeighting)
 
 
 def entropy_top_rho_weights(entropy: torch.Tensor, response_mask: torch.Tensor, rho: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from dapo_megatron.algo.presets import get_preset
 from dapo_megatron.config.schema import _SECTIONS, AlgorithmConfig, DapoConfig, TrainerConfig
 
 __all__ = [
@@ -46,13 +47,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 def _algorithm_preset(name: str) -> dict[str, Any]:
-    """The ``algorithm`` section of a preset: the values of :data:`dapo_megatron.algo.ALGORITHM_PRESETS`
-    (one source of truth for the algorithm knobs of DAPO, GRPO and Dr.GRPO)."""
-    from dapo_megatron.algo.presets import ALGORITHM_PRESETS
-
-    preset = ALGORITHM_PRESETS[name]
-    section = {f.name for f in dataclasses.fields(AlgorithmConfig)}
-    return {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset) if f.name in section}
+    """The ``algorithm`` section of a preset: the fields of the frozen instance
+    :data:`dapo_megatron.algo.ALGORITHM_PRESETS` ``[name]`` (the one definition of its knobs)."""
+    return dataclasses.asdict(get_preset(name))
 
 
 _DAPO: dict[str, dict[str, Any]] = {

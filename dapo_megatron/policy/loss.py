@@ -20,7 +20,7 @@ to the token ``input_ids[t]``, predicted from positions ``< t``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ from dapo_megatron.algo import (
     loss_sum_and_count,
     truncated_importance_weights,
 )
+from dapo_megatron.algo.config import AlgorithmConfig
 from dapo_megatron.algo.cov_loss import cov_policy_loss
 from dapo_megatron.algo.token_weighting import entropy_top_rho_weights
 from dapo_megatron.policy.logprobs import vocab_parallel_log_probs
@@ -36,63 +37,23 @@ from dapo_megatron.policy.logprobs import vocab_parallel_log_probs
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The knobs of the policy loss (a view of ``AlgorithmConfig``)."""
+    """What the loss function needs: the algorithm config plus three facts of the run.
 
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.28
-    clip_ratio_c: float | None = None
-    loss_agg_mode: str = "token-mean"
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.0
-    kl_type: str = "low_var_kl"
-    tis_cap: float | None = None
-    logprob_chunk_size: int | None = None
-    # Sampling temperature of the rollouts: every policy log-prob (old, new, reference) and the
-    # entropy are those of ``softmax(logits / temperature)``, the distribution the engine sampled.
+    The algorithm knobs are :class:`~dapo_megatron.algo.config.AlgorithmConfig` itself (the
+    ``algorithm`` section), never a copy of its fields.
+    """
+
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    # Sampling temperature of the rollouts (``rollout.temperature``): every policy log-prob (old,
+    # new, reference) and the entropy are those of ``softmax(logits / temperature)``, the
+    # distribution the engine sampled.
     temperature: float = 1.0
     # ``seq-mean-token-sum-norm`` (Dr.GRPO) divides by ``#sequences * norm_length``, a constant
     # (``rollout.max_response_length``): never the width of a micro-batch, which depends on the
     # micro-batch size through trimming and includes prompt tokens. ``None``: that mode is refused.
     norm_length: int | None = None
-    # Beyond DAPO (issue 18): entropy top-rho token weights and the policy-loss mode.
-    token_weighting: str = "none"
-    token_weighting_rho: float = 0.2
-    policy_loss: str = "dapo"
-    clip_cov_ratio: float = 2e-4
-    clip_cov_lower: float = 1.0
-    clip_cov_upper: float = 5.0
-    kl_cov_ratio: float = 2e-3
-    kl_cov_coef: float = 1.0
-
-    @classmethod
-    def from_algorithm_config(
-        cls,
-        algo,
-        logprob_chunk_size: int | None = None,
-        temperature: float = 1.0,
-        norm_length: int | None = None,
-    ) -> LossSettings:
-        return cls(
-            clip_ratio_low=algo.clip_ratio_low,
-            clip_ratio_high=algo.clip_ratio_high,
-            clip_ratio_c=algo.clip_ratio_c,
-            loss_agg_mode=algo.loss_agg_mode,
-            entropy_coef=algo.entropy_coef,
-            kl_coef=algo.kl_coef if algo.use_kl_loss else 0.0,
-            kl_type=algo.kl_type,
-            tis_cap=algo.tis_cap,
-            logprob_chunk_size=logprob_chunk_size,
-            temperature=temperature,
-            norm_length=norm_length,
-            token_weighting=algo.token_weighting,
-            token_weighting_rho=algo.token_weighting_rho,
-            policy_loss=algo.policy_loss,
-            clip_cov_ratio=algo.clip_cov_ratio,
-            clip_cov_lower=algo.clip_cov_lower,
-            clip_cov_upper=algo.clip_cov_upper,
-            kl_cov_ratio=algo.kl_cov_ratio,
-            kl_cov_coef=algo.kl_cov_coef,
-        )
+    # Tokens per chunk of the vocab-parallel log-prob computation (memory); ``None`` = one chunk.
+    logprob_chunk_size: int | None = None
 
 
 def token_log_probs(
@@ -158,6 +119,7 @@ def dapo_loss(
     ``report`` holds *sums* (and maxima) so that metrics can be reduced exactly across
     micro-batches and ranks by :func:`dapo_megatron.policy.metrics.reduce_reports`.
     """
+    a = settings.algorithm
     s = mb["input_ids"].shape[1]
     logits = logits[:, :s]  # drop sequence-parallel padding, if any
     log_prob, entropy = token_log_probs(
@@ -172,20 +134,20 @@ def dapo_loss(
     )
     mask = mb["response_mask"].bool()
     weights = mb.get("token_weights")
-    if settings.tis_cap is not None and "rollout_log_probs" in mb:
+    if a.tis_cap is not None and "rollout_log_probs" in mb:
         tis = truncated_importance_weights(
-            mb["old_log_probs"], mb["rollout_log_probs"], mask, settings.tis_cap
+            mb["old_log_probs"], mb["rollout_log_probs"], mask, a.tis_cap
         )
         weights = tis if weights is None else weights * tis
-    if settings.token_weighting == "entropy_top_rho":
+    if a.token_weighting == "entropy_top_rho":
         # Selection over this micro-batch's valid tokens. The vocab-parallel entropy is already
         # reduced over the TP group, so every TP rank selects the same tokens (no extra gather).
-        top = entropy_top_rho_weights(entropy.detach(), mask, settings.token_weighting_rho)
+        top = entropy_top_rho_weights(entropy.detach(), mask, a.token_weighting_rho)
         weights = top if weights is None else weights * top
-    elif settings.token_weighting != "none":
-        raise ValueError(f"algorithm.token_weighting must be none or entropy_top_rho, got {settings.token_weighting!r}")
+    elif a.token_weighting != "none":
+        raise ValueError(f"algorithm.token_weighting must be none or entropy_top_rho, got {a.token_weighting!r}")
     generator = None
-    if settings.policy_loss == "clip_cov":
+    if a.policy_loss == "clip_cov":
         # Seeded by the micro-batch's tokens: every TP rank, and a resumed run, picks the same tokens.
         generator = torch.Generator().manual_seed(int(mb["input_ids"].long().sum()))
     per_token, m = cov_policy_loss(
@@ -193,41 +155,43 @@ def dapo_loss(
         mb["old_log_probs"],
         mb["advantages"],
         mask,
-        mode=settings.policy_loss,
-        clip_ratio_low=settings.clip_ratio_low,
-        clip_ratio_high=settings.clip_ratio_high,
-        clip_ratio_c=settings.clip_ratio_c,
-        clip_cov_ratio=settings.clip_cov_ratio,
-        clip_cov_lower=settings.clip_cov_lower,
-        clip_cov_upper=settings.clip_cov_upper,
-        kl_cov_ratio=settings.kl_cov_ratio,
-        kl_cov_coef=settings.kl_cov_coef,
+        mode=a.policy_loss,
+        clip_ratio_low=a.clip_ratio_low,
+        clip_ratio_high=a.clip_ratio_high,
+        clip_ratio_c=a.clip_ratio_c,
+        clip_cov_ratio=a.clip_cov_ratio,
+        clip_cov_lower=a.clip_cov_lower,
+        clip_cov_upper=a.clip_cov_upper,
+        kl_cov_ratio=a.kl_cov_ratio,
+        kl_cov_coef=a.kl_cov_coef,
         generator=generator,
     )
     # Importance weights (TIS) correct the policy-gradient term only, not the regularisers.
-    if settings.loss_agg_mode == "seq-mean-token-sum-norm" and not settings.norm_length:
+    if a.loss_agg_mode == "seq-mean-token-sum-norm" and not settings.norm_length:
         # Dr.GRPO's constant 1 / (G * MAX_TOKENS) per sequence: micro-batches are trimmed, so
         # their width must not stand in for MAX_TOKENS.
         raise ValueError("loss_agg_mode 'seq-mean-token-sum-norm' needs LossSettings.norm_length "
                          "(rollout.max_response_length)")
     loss_sum, count = loss_sum_and_count(
-        per_token, mask, weights, mode=settings.loss_agg_mode, norm_length=settings.norm_length
+        per_token, mask, weights, mode=a.loss_agg_mode, norm_length=settings.norm_length
     )
     pg_sum, _ = loss_sum_and_count(per_token, mask, weights, mode="token-mean")
     regulariser = None
-    if settings.entropy_coef:
-        regulariser = -settings.entropy_coef * entropy
+    if a.entropy_coef:
+        regulariser = -a.entropy_coef * entropy
     else:
         entropy = entropy.detach()
-    if settings.kl_coef:
+    if a.use_kl_loss and a.kl_coef:
         if "ref_log_probs" not in mb:
             raise ValueError("algorithm.kl_coef > 0 with use_kl_loss needs ref_log_probs in the batch")
-        kl = settings.kl_coef * kl_penalty(
-            log_prob, mb["ref_log_probs"], kind=settings.kl_type, response_mask=mask
+        kl = a.kl_coef * kl_penalty(
+            log_prob, mb["ref_log_probs"], kind=a.kl_type, response_mask=mask
         )
         regulariser = kl if regulariser is None else regulariser + kl
     if regulariser is not None:
-        loss_sum = loss_sum + loss_sum_and_count(regulariser, mask, mode=settings.loss_agg_mode)[0]
+        loss_sum = loss_sum + loss_sum_and_count(
+            regulariser, mask, mode=a.loss_agg_mode, norm_length=settings.norm_length
+        )[0]
 
     tokens = mask.sum()
     fmask = mask.to(torch.float64)

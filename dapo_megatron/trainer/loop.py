@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from dapo_megatron.algo import logprob_mismatch_metrics
 from dapo_megatron.config import DapoConfig, save_config
+from dapo_megatron.parallel.comm import broadcast_object
 from dapo_megatron.trainer.batch import samples_to_batch
 from dapo_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -31,26 +31,17 @@ from dapo_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint,
 LOGPROB_CHUNK_TOKENS = 1024
 
 
-def _broadcast(obj: Any) -> Any:
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class DapoTrainer:
     """Builds everything from a :class:`~dapo_megatron.config.DapoConfig` and runs the loop."""
 
     def __init__(self, cfg: DapoConfig):
         from megatron.core import parallel_state as ps
 
-        from dapo_megatron.conversion.checkpoint import (
-            build_model_from_checkpoint,
-            metadata_from_hf,
-            validate_checkpoint,
-        )
+        from dapo_megatron.conversion.checkpoint import metadata_from_hf, validate_checkpoint
+        from dapo_megatron.loading import build_model_from_checkpoint, build_model_from_hf
         from dapo_megatron.models import ParallelLayout
+        from dapo_megatron.parallel.groups import initialize_parallel
         from dapo_megatron.policy.loss import LossSettings
-        from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
         from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
         from dapo_megatron.policy.train_step import PolicyTrainer
 
@@ -87,11 +78,11 @@ class DapoTrainer:
             self.loaded,
             self.optimizer,
             self.scheduler,
-            LossSettings.from_algorithm_config(
-                cfg.algorithm,
-                logprob_chunk_size=LOGPROB_CHUNK_TOKENS,
+            LossSettings(
+                algorithm=cfg.algorithm,
                 temperature=cfg.rollout.temperature,
                 norm_length=cfg.rollout.max_response_length,
+                logprob_chunk_size=LOGPROB_CHUNK_TOKENS,
             ),
             micro_batch_size=p.micro_batch_size,
             log_prob_micro_batch_size=p.log_prob_micro_batch_size,
@@ -174,7 +165,7 @@ class DapoTrainer:
                 norm_adv_by_std=cfg.algorithm.norm_adv_by_std,
                 overlong_filter=cfg.algorithm.overlong_filter,
             )
-        batch = _broadcast(batch)
+        batch = broadcast_object(batch)
         t_rollout = time.monotonic() - t0
 
         batch["old_log_probs"] = self.policy.compute_log_probs(batch)
@@ -236,7 +227,7 @@ class DapoTrainer:
                 "val/score_mean": sum(s["score"] for s in samples) / len(samples),
                 "val/response_length_mean": sum(len(s["response_ids"]) for s in samples) / len(samples),
             }
-        return _broadcast(out)
+        return broadcast_object(out)
 
     # ------------------------------------------------------------------------------- checkpoint
 
