@@ -63,16 +63,16 @@ def hf_state_dict_export(hf_model: torch.nn.Module) -> Callable[[], NamedTensors
 def _init_single_process_megatron() -> None:
     """A world of one (gloo on CPU, with the CPU redirection) and Megatron's TP1 PP1 state."""
     from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.groups import initialize_parallel
     from dapo_megatron.parallel.launch import init_single_process
-    from dapo_megatron.policy.model import initialize_parallel
 
     init_single_process()
     initialize_parallel(ParallelLayout(tp=1, pp=1))
 
 
 def _build_megatron(hf_dir: str, tp: int):
+    from dapo_megatron.loading import build_model_from_hf
     from dapo_megatron.models import ParallelLayout
-    from dapo_megatron.policy.model import build_model_from_hf
 
     return build_model_from_hf(hf_dir, ParallelLayout(tp=tp, pp=1))
 
@@ -93,7 +93,7 @@ def tp_export_rank(rank: int, world_size: int, hf_dir: str, repeats: int) -> dic
     import torch.distributed as dist
 
     from dapo_megatron.models import ParallelLayout
-    from dapo_megatron.policy.model import initialize_parallel
+    from dapo_megatron.parallel.groups import initialize_parallel
 
     initialize_parallel(ParallelLayout(tp=world_size, pp=1))
     loaded = _build_megatron(hf_dir, tp=world_size)

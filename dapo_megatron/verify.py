@@ -45,10 +45,10 @@ def gather_vocab_parallel_logits(logits: torch.Tensor) -> torch.Tensor:
 def _verify_rank(rank, world_size, hf_dir, megatron_dir, tp, pp, sp, input_ids):
     from megatron.core import parallel_state as ps
 
-    from dapo_megatron.conversion.checkpoint import build_model_from_checkpoint
     from dapo_megatron.conversion.hf_io import HFCheckpointReader
+    from dapo_megatron.loading import build_model_from_checkpoint, build_model_from_hf
     from dapo_megatron.models import ParallelLayout
-    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
+    from dapo_megatron.parallel.groups import initialize_parallel
     from dapo_megatron.policy.schedule import run_microbatches
 
     layout = ParallelLayout(tp=tp, pp=pp, sp=sp)

@@ -6,8 +6,8 @@ import torch
 def _logits(loaded, input_ids):
     from megatron.core import parallel_state as ps
 
-    from dapo_megatron.conversion.verify import gather_vocab_parallel_logits
     from dapo_megatron.policy.schedule import run_microbatches
+    from dapo_megatron.verify import gather_vocab_parallel_logits
 
     seq, vocab = input_ids.shape[1], loaded.arch.vocab_size
     mbs = [{"input_ids": input_ids[i : i + 1], "index": torch.tensor([i])} for i in range(input_ids.shape[0])]
@@ -30,9 +30,10 @@ def logits_from_checkpoints(rank, world_size, ckpts, tp, pp, input_ids, save_dir
     """Build every checkpoint in ``ckpts`` ({name: dir}) at (tp, pp) and return its logits (from the
     rank holding them). ``save_dirs`` ({name: dir}): also re-save the loaded model there with
     ``save_model_checkpoint`` (the trainer's API)."""
-    from dapo_megatron.conversion.checkpoint import build_model_from_checkpoint, save_model_checkpoint
+    from dapo_megatron.conversion.checkpoint import save_model_checkpoint
+    from dapo_megatron.loading import build_model_from_checkpoint
     from dapo_megatron.models import ParallelLayout
-    from dapo_megatron.policy.model import initialize_parallel
+    from dapo_megatron.parallel.groups import initialize_parallel
 
     layout = ParallelLayout(tp=tp, pp=pp)
     initialize_parallel(layout)

@@ -23,9 +23,10 @@ def dapo_update(
     """
 
     from dapo_megatron.config import OptimizerConfig
+    from dapo_megatron.loading import build_model_from_hf
     from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.groups import initialize_parallel
     from dapo_megatron.policy.loss import LossSettings
-    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
     from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
     from dapo_megatron.policy.train_step import PolicyTrainer
 
@@ -56,9 +57,10 @@ def old_log_probs(rank, world_size, hf_dir, tp, pp, batch):
     """compute_log_probs at a layout; returns {sequence index: log-probs} from reporting ranks."""
     from megatron.core import parallel_state as ps
 
+    from dapo_megatron.loading import build_model_from_hf
     from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.groups import initialize_parallel
     from dapo_megatron.policy.loss import LossSettings
-    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
     from dapo_megatron.policy.train_step import PolicyTrainer
 
     layout = ParallelLayout(tp=tp, pp=pp)

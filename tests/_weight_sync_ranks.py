@@ -26,9 +26,10 @@ def export_and_score(
     import torch
     from safetensors.torch import save_file
 
+    from dapo_megatron.loading import build_model_from_hf
     from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.groups import initialize_parallel
     from dapo_megatron.policy.loss import LossSettings
-    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
     from dapo_megatron.policy.train_step import PolicyTrainer
 
     layout = ParallelLayout(tp=tp, pp=pp)

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from dapo_megatron.conversion.checkpoint import CheckpointError, validate_checkpoint
 from dapo_megatron.conversion.hf_io import HFCheckpointReader
-from dapo_megatron.conversion.verify import make_batch
 from dapo_megatron.parallel.launch import launch
+from dapo_megatron.verify import make_batch
 from tests import _conversion_ranks as ranks
 from tests.helpers.distributed import run_on_ranks
 

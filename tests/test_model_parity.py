@@ -7,7 +7,7 @@ mask for the right padding. Tolerance: max |logit diff| <= 1e-4 (fp32), over val
 import pytest
 import torch
 
-from dapo_megatron.conversion.verify import make_batch
+from dapo_megatron.verify import make_batch
 from tests._parity_ranks import logits_by_layout
 from tests.helpers.distributed import run_on_ranks
 

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from dapo_megatron.conversion.cli import call_or_exit
-    from dapo_megatron.conversion.verify import verify
+    from dapo_megatron.verify import verify
 
     res = call_or_exit(
         verify,

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from dapo_megatron.parallel.comm import broadcast_object
+
 FORMAT_VERSION = 1
 METADATA_FILE = "dapo_metadata.json"
 HF_FILES_DIR = "hf_files"
@@ -164,15 +166,6 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _broadcast_str(value: str | None) -> str:
-    dist = _dist()
-    if dist is None:
-        return value  # type: ignore[return-value]
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _barrier() -> None:
     dist = _dist()
     if dist is not None:
@@ -204,7 +197,7 @@ def save_model_checkpoint(
             Path(tmp_dir) if tmp_dir else ckpt_dir.with_name(f"{ckpt_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
         )
         tmp_dir.mkdir(parents=True)
-    tmp_dir = Path(_broadcast_str(str(tmp_dir) if rank == 0 else None))
+    tmp_dir = Path(broadcast_object(str(tmp_dir) if rank == 0 else None))
     save_sharded_model(model, tmp_dir)
     if rank == 0:
         write_metadata(tmp_dir, metadata, hf_dir)
@@ -307,20 +300,18 @@ def load_model_checkpoint(model, path: str | Path, *, strict: bool = True) -> Ch
     return metadata
 
 
-def build_model_from_checkpoint(path: str | Path, layout, *, recompute: str = "none"):
+def build_megatron_from_checkpoint(path: str | Path, layout, *, recompute: str = "none"):
     """Build this rank's model at ``layout`` from a model checkpoint and load it.
 
-    Call after :func:`dapo_megatron.policy.model.initialize_parallel`. Returns a
-    :class:`~dapo_megatron.policy.model.LoadedModel`.
+    Returns ``(model, arch, transformer_config, padded_vocab_size)``; see
+    :func:`dapo_megatron.loading.build_model_from_checkpoint` for the policy-facing wrapper. Call
+    after :func:`dapo_megatron.parallel.groups.initialize_parallel`.
     """
     from dapo_megatron.models import build_gpt_model, transformer_config_from_arch
-    from dapo_megatron.policy.model import LoadedModel
 
     ckpt, metadata = validate_checkpoint(path)
     arch = metadata.model_arch()
     config = transformer_config_from_arch(arch, layout, dtype=metadata.dtype, recompute=recompute)
     model = build_gpt_model(arch, config, vocab_pad_multiple=vocab_pad_multiple_for(metadata, layout.tp))
     load_model_checkpoint(model, ckpt)
-    return LoadedModel(
-        model=model, arch=arch, config=config, layout=layout, padded_vocab_size=metadata.padded_vocab_size
-    )
+    return model, arch, config, metadata.padded_vocab_size

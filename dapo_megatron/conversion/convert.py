@@ -45,8 +45,8 @@ from dapo_megatron.models import ParallelLayout, arch_from_hf_config, padded_voc
 from dapo_megatron.models.builder import have_transformer_engine
 from dapo_megatron.models.hf_arch import ModelArch
 from dapo_megatron.parallel.launch import init_single_process, launch
+from dapo_megatron.utils.dtypes import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
@@ -105,18 +105,19 @@ def _hf_to_megatron_rank(
     vocab_pad_multiple: int,
 ):
     """On every rank: build at (tp, pp), load each HF dir, save it into its (existing, empty) dir."""
-    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
+    from dapo_megatron.conversion.hf_to_megatron import build_megatron_from_hf
+    from dapo_megatron.parallel.groups import initialize_parallel
 
     layout = ParallelLayout(tp=tp, pp=pp)
     initialize_parallel(layout)
     stats = []
     for hf_dir, out_dir in jobs:
         t0 = time.perf_counter()
-        loaded = build_model_from_hf(hf_dir, layout, dtype=dtype, vocab_pad_multiple=vocab_pad_multiple)
+        model = build_megatron_from_hf(hf_dir, layout, dtype=dtype, vocab_pad_multiple=vocab_pad_multiple)[0]
         t1 = time.perf_counter()
-        save_sharded_model(loaded.model, out_dir)
+        save_sharded_model(model, out_dir)
         stats.append({"load_s": t1 - t0, "save_s": time.perf_counter() - t1})
-        del loaded
+        del model
     return stats
 
 
@@ -125,7 +126,7 @@ def _hf_to_megatron_stream_rank(
 ):
     """One TP1/PP1 process: stream each HF dir into its (existing, empty) dir, no model built."""
     from dapo_megatron.conversion.stream_save import write_checkpoint_from_hf
-    from dapo_megatron.policy.model import initialize_parallel
+    from dapo_megatron.parallel.groups import initialize_parallel
 
     initialize_parallel(ParallelLayout())
     stats = []
@@ -231,7 +232,7 @@ def checkpoint_hf_tensors(
     from megatron.core import parallel_state
 
     from dapo_megatron.models import build_gpt_model, transformer_config_from_arch
-    from dapo_megatron.policy.model import initialize_parallel
+    from dapo_megatron.parallel.groups import initialize_parallel
 
     arch = metadata.model_arch()
     layout = ParallelLayout()

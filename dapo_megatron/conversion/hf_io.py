@@ -9,20 +9,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from dapo_megatron.utils.dtypes import SAFETENSORS_DTYPES
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 class HFCheckpointReader:
@@ -111,10 +101,10 @@ class HFCheckpointReader:
         info = header.get(name)
         if info is None:
             raise KeyError(f"tensor {name!r} is not in {path} (the index says it is)")
-        if info["dtype"] not in _DTYPES:
+        if info["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {name!r} in {path}: unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
-        out = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        out = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
         if out.nbytes != end - begin:
             raise ValueError(f"tensor {name!r} in {path}: header offsets do not match its shape and dtype")
         if path not in self._raw:

@@ -8,6 +8,13 @@ from dapo_megatron.conversion.hf_io import HFCheckpointReader
 from dapo_megatron.conversion.names import shift_layer, stage_layer_offset, unwrap_model
 from dapo_megatron.conversion.tables import NameResolver, mappings_for
 from dapo_megatron.conversion.transforms import ShardContext
+from dapo_megatron.models import (
+    ParallelLayout,
+    arch_from_hf_config,
+    build_gpt_model,
+    padded_vocab_size,
+    transformer_config_from_arch,
+)
 from dapo_megatron.models.builder import have_transformer_engine
 from dapo_megatron.models.hf_arch import ModelArch
 
@@ -60,3 +67,37 @@ def load_hf_into_megatron(
         param.copy_(shard.to(param.dtype))
         loaded += 1
     return loaded
+
+
+def build_megatron_from_hf(
+    hf_dir,
+    layout: ParallelLayout,
+    *,
+    dtype: str = "fp32",
+    vocab_pad_multiple: int = 128,
+    recompute: str = "none",
+    load_weights: bool = True,
+):
+    """Build this rank's ``GPTModel`` shard for ``hf_dir`` at ``layout`` and load the HF weights.
+
+    Returns ``(model, arch, transformer_config, padded_vocab_size)``; see
+    :func:`dapo_megatron.loading.build_model_from_hf` for the policy-facing wrapper. Call after
+    :func:`dapo_megatron.parallel.groups.initialize_parallel`. With ``load_weights=False`` the
+    model keeps Megatron's random initialisation (e.g. when a Megatron checkpoint is loaded next).
+    """
+    from megatron.core import parallel_state
+
+    arch = arch_from_hf_config(hf_dir)
+    config = transformer_config_from_arch(arch, layout, dtype=dtype, recompute=recompute)
+    model = build_gpt_model(arch, config, vocab_pad_multiple=vocab_pad_multiple)
+    vocab = padded_vocab_size(arch.vocab_size, layout.tp, vocab_pad_multiple)
+    if load_weights:
+        load_hf_into_megatron(
+            model,
+            arch,
+            hf_dir,
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            tp_size=layout.tp,
+            padded_vocab_size=vocab,
+        )
+    return model, arch, config, vocab

@@ -16,17 +16,8 @@ from pathlib import Path
 
 import torch
 
-_ST_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+from dapo_megatron.utils.dtypes import SAFETENSORS_CODES
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -69,10 +60,10 @@ def _header(shard: Sequence[TensorSpec]) -> bytes:
     meta: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in shard:
-        if spec.dtype not in _ST_DTYPES:
+        if spec.dtype not in SAFETENSORS_CODES:
             raise ValueError(f"tensor {spec.name!r}: dtype {spec.dtype} cannot be stored in safetensors")
         meta[spec.name] = {
-            "dtype": _ST_DTYPES[spec.dtype],
+            "dtype": SAFETENSORS_CODES[spec.dtype],
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + spec.nbytes],
         }

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dapo_megatron.models.hf_arch import ModelArch
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dapo_megatron.utils.dtypes import DTYPES
 
 
 @dataclass(frozen=True)
@@ -90,11 +89,11 @@ def transformer_config_from_arch(
     from megatron.core.transformer import TransformerConfig
 
     layout.validate(arch)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if recompute not in ("none", "selective", "full"):
         raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {recompute!r}")
-    params_dtype = _DTYPES[dtype]
+    params_dtype = DTYPES[dtype]
     split = pipeline_layer_split(arch.num_layers, layout.pp)
     uneven = layout.pp > 1 and len(set(split)) > 1
     recompute_kwargs = {}

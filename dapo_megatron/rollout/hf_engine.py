@@ -20,17 +20,12 @@ from dapo_megatron.rollout.validation import (
     derive_seed,
     read_model_facts,
 )
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from dapo_megatron.utils.dtypes import torch_dtype
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or a torch dtype) -> torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or ``fp32``..., or a torch dtype) -> torch dtype."""
+    return torch_dtype(dtype)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -37,6 +37,7 @@ from dapo_megatron.conversion.checkpoint import (
     save_sharded_model,
     write_metadata,
 )
+from dapo_megatron.parallel.comm import broadcast_object
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -125,9 +126,7 @@ def save_checkpoint(
     """Save a complete, atomic checkpoint of ``step`` (collective: call on every rank)."""
     rank = dist.get_rank()
     final = step_dir(save_dir, step)
-    name = [f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"] if rank == 0 else [None]
-    dist.broadcast_object_list(name, src=0)
-    tmp = final.with_name(name[0])
+    tmp = final.with_name(broadcast_object(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None))
     if rank == 0:
         if final.exists():
             raise FileExistsError(f"checkpoint {final} already exists")
