@@ -6,16 +6,46 @@ sequences are right-padded and causal, so padding never influences a valid token
 mask is needed: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` gives the
 same result with flash/memory-efficient kernels on GPU and a fused kernel on CPU. An explicit
 attention mask falls back to Megatron's implementation.
+
+Packed sequences (``PackedSeqParams(qkv_format="thd")``, see :mod:`dapo_megatron.parallel.packing`)
+get a block-diagonal causal mask built from ``cu_seqlens_q_padded``: a token attends to the
+earlier tokens of its own sequence only. Under context parallelism (THD, zigzag split) the keys and
+values of the CP group are all-gathered (:func:`dapo_megatron.models.context_parallel.all_gather_cp`) and
+each local query attends to the gathered keys of its sequence up to its own global position:
+correct, not fast (``[T/cp, T]`` mask and scores); TransformerEngine does CP attention on GPU.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from dapo_megatron.models.context_parallel import all_gather_cp, zigzag_positions
+
+
+def _packed_segments(cu_seqlens_padded: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per packed position: sequence id and position within the sequence (``[T]`` each)."""
+    seg, pos = [], []
+    for i, (start, end) in enumerate(zip(cu_seqlens_padded[:-1], cu_seqlens_padded[1:])):
+        seg.append(torch.full((end - start,), i, dtype=torch.long))
+        pos.append(torch.arange(end - start))
+    return torch.cat(seg), torch.cat(pos)
+
 
 class SDPACausalAttention(DotProductAttention):
-    """``DotProductAttention`` computed by ``scaled_dot_product_attention`` (causal, GQA-aware)."""
+    """``DotProductAttention`` computed by ``scaled_dot_product_attention`` (causal, GQA-aware),
+    with packed (THD) sequences and context parallelism for the CPU path."""
+
+    def __init__(self, config, *args, **kwargs):
+        # Megatron's local DotProductAttention refuses context_parallel_size > 1 (only TE
+        # implements CP); this class implements it itself (packed THD input only).
+        cp = config.context_parallel_size
+        config.context_parallel_size = 1
+        try:
+            super().__init__(config, *args, **kwargs)
+        finally:
+            config.context_parallel_size = cp
 
     def forward(
         self,
@@ -27,6 +57,12 @@ class SDPACausalAttention(DotProductAttention):
         attention_bias=None,
         packed_seq_params=None,
     ):
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd" and attention_mask is None:
+            return self._packed_forward(query, key, value, packed_seq_params)
+        if self.config.context_parallel_size > 1:
+            raise ValueError(
+                "context parallelism on the local attention needs packed (THD) micro-batches"
+            )
         if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
             return super().forward(
                 query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
@@ -46,6 +82,40 @@ class SDPACausalAttention(DotProductAttention):
         # [b, heads, s, hn] -> [s, b, heads * hn]
         context = context.permute(2, 0, 1, 3).contiguous()
         return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)
+
+    def _packed_forward(self, query, key, value, params):
+        """``query [t, heads, hn]``, ``key/value [t, groups, hn]`` (THD, this CP rank's share)."""
+        bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        bounds = [int(b) for b in bounds.tolist()]
+        seg, pos = _packed_segments(bounds)
+        cp_group = getattr(self.pg_collection, "cp", None)
+        cp = cp_group.size() if cp_group is not None else 1
+        if cp > 1:
+            local = zigzag_positions(bounds, cp, cp_group.rank())
+            # keys of every CP rank, put back in packed order
+            order = torch.cat([zigzag_positions(bounds, cp, r) for r in range(cp)])
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel())
+            key = all_gather_cp(key, cp_group).flatten(0, 1)[inverse.to(key.device)]
+            value = all_gather_cp(value, cp_group).flatten(0, 1)[inverse.to(value.device)]
+        else:
+            local = torch.arange(bounds[-1])
+        q_seg, q_pos = seg[local], pos[local]
+        mask = (q_seg[:, None] == seg[None, :]) & (pos[None, :] <= q_pos[:, None])
+        # [t, heads, hn] -> [1, heads, t, hn]
+        q, k, v = (t.permute(1, 0, 2)[None] for t in (query, key, value))
+        dropout = self.config.attention_dropout if self.training else 0.0
+        context = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask.to(q.device)[None, None],
+            dropout_p=dropout,
+            scale=self.softmax_scale,
+            enable_gqa=q.size(1) != k.size(1),
+        )
+        # [1, heads, t, hn] -> [t, heads * hn]
+        return context[0].permute(1, 0, 2).reshape(q.size(2), self.hidden_size_per_partition)
 
 
 def local_core_attention() -> type:

@@ -21,11 +21,12 @@ from dapo_megatron.utils.dtypes import DTYPES
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """How a model is split: tensor (TP), pipeline (PP), sequence parallel (SP)."""
+    """How a model is split: tensor (TP), pipeline (PP), sequence parallel (SP), context (CP)."""
 
     tp: int = 1
     pp: int = 1
     sp: bool = False
+    cp: int = 1
 
     def validate(self, arch: ModelArch) -> None:
         """Raise ``ValueError`` naming the field when ``arch`` cannot be split this way."""
@@ -50,6 +51,8 @@ class ParallelLayout:
             )
         if self.sp and self.tp == 1:
             raise ValueError("sequence_parallel=True needs tensor_model_parallel_size > 1")
+        if self.cp < 1:
+            raise ValueError(f"context_parallel_size must be >= 1, got {self.cp}")
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -122,6 +125,7 @@ def transformer_config_from_arch(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         sequence_parallel=layout.sp,
+        context_parallel_size=layout.cp,
         num_layers_in_first_pipeline_stage=split[0] if uneven else None,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,

@@ -8,7 +8,7 @@ __all__ = ["initialize_parallel"]
 
 
 def initialize_parallel(layout: ParallelLayout, *, seed: int = 1234) -> None:
-    """``initialize_model_parallel`` (TP, PP; DP is what remains of the world) and Megatron's RNGs.
+    """``initialize_model_parallel`` (TP, PP, CP; DP is what remains of the world) and Megatron's RNGs.
 
     ``torch.distributed`` must already be initialised (``torchrun`` + ``init_process_group``).
     """
@@ -17,13 +17,15 @@ def initialize_parallel(layout: ParallelLayout, *, seed: int = 1234) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     world = dist.get_world_size()
-    if world % (layout.tp * layout.pp):
+    if world % (layout.tp * layout.pp * layout.cp):
         raise ValueError(
             f"world size {world} is not divisible by tensor_model_parallel_size * pipeline_model_parallel_size "
-            f"= {layout.tp} * {layout.pp}"
+            f"* context_parallel_size = {layout.tp} * {layout.pp} * {layout.cp}"
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            context_parallel_size=layout.cp,
         )
     model_parallel_cuda_manual_seed(seed)

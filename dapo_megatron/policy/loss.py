@@ -32,6 +32,7 @@ from dapo_megatron.algo import (
 from dapo_megatron.algo.config import AlgorithmConfig
 from dapo_megatron.algo.cov_loss import cov_policy_loss
 from dapo_megatron.algo.token_weighting import entropy_top_rho_weights
+from dapo_megatron.parallel.packing import unpack_token_values
 from dapo_megatron.policy.logprobs import vocab_parallel_log_probs
 
 
@@ -54,6 +55,25 @@ class LossSettings:
     norm_length: int | None = None
     # Tokens per chunk of the vocab-parallel log-prob computation (memory); ``None`` = one chunk.
     logprob_chunk_size: int | None = None
+
+    def check_context_parallel(self, cp_size: int) -> None:
+        """Raise ``ValueError`` for settings that need statistics over whole sequences or the whole
+        micro-batch, which context parallelism splits over ranks (only local sums are computed)."""
+        if cp_size <= 1:
+            return
+        a = self.algorithm
+        unsupported = []
+        if a.loss_agg_mode != "token-mean":
+            unsupported.append(f"algorithm.loss_agg_mode={a.loss_agg_mode!r} (per-sequence means)")
+        if a.token_weighting != "none":
+            unsupported.append(f"algorithm.token_weighting={a.token_weighting!r} (micro-batch quantile)")
+        if a.policy_loss != "dapo":
+            unsupported.append(f"algorithm.policy_loss={a.policy_loss!r} (micro-batch covariance)")
+        if unsupported:
+            raise ValueError(
+                f"parallel.context_parallel_size={cp_size} supports the token-level loss only; not "
+                f"supported under CP: {', '.join(unsupported)}"
+            )
 
 
 def token_log_probs(
@@ -111,6 +131,43 @@ def token_log_probs(
     return logp, ent
 
 
+def packed_token_log_probs(
+    logits: torch.Tensor,
+    mb: dict,
+    *,
+    tp_group,
+    vocab_size: int,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`token_log_probs` for a packed micro-batch (:mod:`dapo_megatron.parallel.packing`).
+
+    ``logits [1, T_local, V/tp]`` of this rank's packed positions; the target of each position is
+    the next token of its own sequence (``mb["targets"]``). Returns ``(log_probs [n, width],
+    entropy [n, width] | None, computed [n, width] bool)`` in the padded layout of the
+    micro-batch's sequences, aligned with the tokens as :func:`token_log_probs`; ``computed``
+    marks the entries this rank holds (under CP its zigzag share; zeros elsewhere).
+    """
+    if not temperature > 0:
+        raise ValueError(f"packed_token_log_probs: temperature must be > 0, got {temperature}")
+    z = logits[0]
+    if temperature != 1.0:
+        z = z / temperature
+    logp, ent = vocab_parallel_log_probs(
+        z,
+        mb["targets"][0].to(z.device),
+        tp_group=tp_group,
+        with_entropy=with_entropy,
+        chunk_size=chunk_size,
+        vocab_size=vocab_size,
+    )
+    logp, computed = unpack_token_values(logp, mb)
+    if ent is not None:
+        ent, _ = unpack_token_values(ent, mb)
+    return logp, ent, computed
+
+
 def dapo_loss(
     mb: dict[str, torch.Tensor], logits: torch.Tensor, *, settings: LossSettings, tp_group, vocab_size: int
 ):
@@ -118,21 +175,39 @@ def dapo_loss(
 
     ``report`` holds *sums* (and maxima) so that metrics can be reduced exactly across
     micro-batches and ranks by :func:`dapo_megatron.policy.metrics.reduce_reports`.
+
+    Packed micro-batches: log-probs are scattered into the padded layout and the loss counts only
+    the tokens this rank computed. Under context parallelism each CP rank returns its *local*
+    ``(loss_sum, num_tokens)`` with no CP factor: megatron-core 0.16.1's
+    ``finalize_model_grads`` all-reduces ``num_tokens`` over the data-parallel x CP group and the
+    gradients are summed over the same group, so the result is the global token mean.
     """
     a = settings.algorithm
-    s = mb["input_ids"].shape[1]
-    logits = logits[:, :s]  # drop sequence-parallel padding, if any
-    log_prob, entropy = token_log_probs(
-        logits,
-        mb["input_ids"],
-        tp_group=tp_group,
-        vocab_size=vocab_size,
-        with_entropy=True,
-        chunk_size=settings.logprob_chunk_size,
-        sequence_major=True,  # GPTModel's own layout: no copies in its backward pass
-        temperature=settings.temperature,
-    )
-    mask = mb["response_mask"].bool()
+    if "packed" in mb:
+        log_prob, entropy, computed = packed_token_log_probs(
+            logits,
+            mb,
+            tp_group=tp_group,
+            vocab_size=vocab_size,
+            with_entropy=True,
+            chunk_size=settings.logprob_chunk_size,
+            temperature=settings.temperature,
+        )
+        mask = mb["response_mask"].bool() & computed
+    else:
+        s = mb["input_ids"].shape[1]
+        logits = logits[:, :s]  # drop sequence-parallel padding, if any
+        log_prob, entropy = token_log_probs(
+            logits,
+            mb["input_ids"],
+            tp_group=tp_group,
+            vocab_size=vocab_size,
+            with_entropy=True,
+            chunk_size=settings.logprob_chunk_size,
+            sequence_major=True,  # GPTModel's own layout: no copies in its backward pass
+            temperature=settings.temperature,
+        )
+        mask = mb["response_mask"].bool()
     weights = mb.get("token_weights")
     if a.tis_cap is not None and "rollout_log_probs" in mb:
         tis = truncated_importance_weights(
@@ -149,7 +224,7 @@ def dapo_loss(
     generator = None
     if a.policy_loss == "clip_cov":
         # Seeded by the micro-batch's tokens: every TP rank, and a resumed run, picks the same tokens.
-        generator = torch.Generator().manual_seed(int(mb["input_ids"].long().sum()))
+        generator = torch.Generator().manual_seed(int(mb["input_ids"].long().sum()))  # packed: same sum
     per_token, m = cov_policy_loss(
         log_prob,
         mb["old_log_probs"],
@@ -195,7 +270,10 @@ def dapo_loss(
 
     tokens = mask.sum()
     fmask = mask.to(torch.float64)
-    lengths = mask.sum(dim=1)
+    # Sequence-level statistics from the whole response (a CP rank holds only part of it), counted
+    # by one CP rank.
+    lengths = mb["response_mask"].bool().sum(dim=1)
+    seq_weight = mb.get("sequence_stats_weight", torch.tensor(1.0, dtype=torch.float64))
     report = {
         "loss_sum": loss_sum.detach().double(),
         "loss_count": count.double(),
@@ -208,8 +286,8 @@ def dapo_loss(
         "clipfrac_dual_sum": m["clipfrac_dual"].double() * tokens,
         "ratio_sum": m["ratio_mean"].double() * tokens,
         "ratio_max": m["ratio_max"].double(),
-        "sequences": (lengths > 0).sum().double(),
-        "response_length_sum": lengths.sum().double(),
+        "sequences": (lengths > 0).sum().double() * seq_weight,
+        "response_length_sum": lengths.sum().double() * seq_weight,
         "response_length_max": lengths.max().double(),
     }
     return loss_sum, count.to(torch.int), report

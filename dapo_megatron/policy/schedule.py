@@ -10,6 +10,10 @@ of the logits ``[b, s, V/tp]``. For training it must return Megatron's 3-tuple
 ``(loss_sum, num_tokens, report)`` (``config.calculate_per_token_loss`` is on, so Megatron divides
 the gradients by the token count summed over all micro-batches and data-parallel ranks). For
 ``forward_only=True`` it may return anything; the per-micro-batch results are returned in order.
+
+Packed micro-batches (:func:`dapo_megatron.parallel.packing.pack_micro_batch`, ``input_ids
+[1, T_local]`` plus a ``packed`` spec) are forwarded in THD with Megatron's ``PackedSeqParams``
+(and this rank's CP group); their logits are ``[1, T_local, V/tp]``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,14 @@ def _forward_step(loss_fn, data_iterator, model):
     position_ids = mb.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    output = model(input_ids, position_ids, attention_mask=None)
+    packed = mb.get("packed")
+    if packed is None:
+        output = model(input_ids, position_ids, attention_mask=None)
+    else:
+        from megatron.core import parallel_state as ps
+
+        params = packed.packed_seq_params(input_ids.device, ps.get_context_parallel_group())
+        output = model(input_ids, position_ids, attention_mask=None, packed_seq_params=params)
     return output, partial(_loss_adapter, loss_fn, mb)
 
 
@@ -70,8 +81,10 @@ def run_microbatches(
 
     if not micro_batches:
         raise ValueError("run_microbatches: micro_batches is empty")
-    if sequence_parallel_multiple > 1:
-        micro_batches = [pad_to_multiple(mb, sequence_parallel_multiple) for mb in micro_batches]
+    if sequence_parallel_multiple > 1:  # packed micro-batches are padded per sequence already
+        micro_batches = [
+            mb if "packed" in mb else pad_to_multiple(mb, sequence_parallel_multiple) for mb in micro_batches
+        ]
     seq_length = max(mb["input_ids"].shape[1] for mb in micro_batches)
     micro_batch_size = max(mb["input_ids"].shape[0] for mb in micro_batches)
     forward_backward = get_forward_backward_func()

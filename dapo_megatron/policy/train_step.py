@@ -10,6 +10,11 @@ rank: ``input_ids [N, S]`` (prompt + response, right-padded), ``seq_lengths [N]`
 ``ref_log_probs``, ``token_weights`` ``[N, S]``. Sequence ``i`` belongs to data-parallel rank
 ``i % dp`` (in :meth:`compute_log_probs` and in every mini-batch), so log-probs computed for a
 sequence stay on the rank that trains on it.
+
+Packing (``max_tokens_per_micro_batch``, and always under context parallelism): a rank's
+sequences are binned into micro-batches under the token budget and packed in THD
+(:mod:`dapo_megatron.parallel.packing`); under CP each rank of a CP group computes its zigzag
+share of every sequence.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from functools import partial
 
 import torch
 
-from dapo_megatron.policy.loss import LossSettings, dapo_loss, token_log_probs
+from dapo_megatron.parallel.packing import pack_micro_batch, pad_multiple_for, plan_micro_batches
+from dapo_megatron.policy.loss import LossSettings, dapo_loss, packed_token_log_probs, token_log_probs
 from dapo_megatron.policy.metrics import reduce_reports, summarize_loss_metrics
 from dapo_megatron.policy.optim import optimizer_step
 from dapo_megatron.policy.schedule import run_microbatches
@@ -72,6 +78,7 @@ class PolicyTrainer:
         *,
         micro_batch_size: int,
         log_prob_micro_batch_size: int | None = None,
+        max_tokens_per_micro_batch: int | None = None,
     ):
         from megatron.core import parallel_state as ps
 
@@ -90,9 +97,40 @@ class PolicyTrainer:
         # The rank whose loss reports count: last stage, TP rank 0 (TP ranks report the same values).
         self.reports_metrics = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         self.sp_multiple = loaded.layout.tp if loaded.layout.sp else 1
+        self.cp = loaded.layout.cp
+        self.cp_rank = ps.get_context_parallel_rank() if self.cp > 1 else 0
+        self.cp_group = ps.get_context_parallel_group() if self.cp > 1 else None
+        loss_settings.check_context_parallel(self.cp)
+        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < 1:
+            raise ValueError(
+                f"max_tokens_per_micro_batch must be null or >= 1, got {max_tokens_per_micro_batch}"
+            )
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        # CP splits packed sequences only, so CP implies packing (with or without a token budget).
+        self.packing = max_tokens_per_micro_batch is not None or self.cp > 1
 
     def _my_indices(self, indices: range | list[int]) -> list[int]:
         return [i for i in indices if i % self.dp == self.dp_rank]
+
+    def _micro_batches(self, batch: dict[str, torch.Tensor], indices: range, micro_batch_size: int) -> list[dict]:
+        """This rank's micro-batches of the sequences ``indices``: padded, or packed (same count
+        on every data-parallel rank)."""
+        if not self.packing:
+            return make_microbatches(batch, self._my_indices(indices), micro_batch_size)
+        layout = self.loaded.layout
+        multiple = pad_multiple_for(tp=layout.tp, sequence_parallel=layout.sp, cp=self.cp)
+        plans = plan_micro_batches(
+            batch["seq_lengths"],
+            [[i for i in indices if i % self.dp == r] for r in range(self.dp)],
+            max_tokens=self.max_tokens_per_micro_batch,
+            micro_batch_size=micro_batch_size,
+            pad_multiple=multiple,
+            cp=self.cp,
+        )
+        return [
+            pack_micro_batch(batch, b, pad_multiple=multiple, cp_size=self.cp, cp_rank=self.cp_rank)
+            for b in plans[self.dp_rank]
+        ]
 
     @torch.no_grad()
     def compute_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -104,9 +142,9 @@ class PolicyTrainer:
         self.model.eval()
         n, s = batch["input_ids"].shape
         out = torch.zeros(n, s, dtype=torch.float32)
-        mbs = make_microbatches(
+        mbs = self._micro_batches(
             {"input_ids": batch["input_ids"], "seq_lengths": batch["seq_lengths"]},
-            self._my_indices(range(n)),
+            range(n),
             self.log_prob_micro_batch_size,
         )
         if not mbs:
@@ -114,6 +152,16 @@ class PolicyTrainer:
         vocab = self.loaded.arch.vocab_size
 
         def collect(mb, logits):
+            if "packed" in mb:
+                logp, _, _ = packed_token_log_probs(
+                    logits,
+                    mb,
+                    tp_group=self.tp_group,
+                    vocab_size=vocab,
+                    chunk_size=self.loss_settings.logprob_chunk_size,
+                    temperature=self.loss_settings.temperature,
+                )
+                return mb["index"], logp.float().cpu()
             width = mb["input_ids"].shape[1]
             logp, _ = token_log_probs(
                 logits[:, :width],
@@ -129,6 +177,14 @@ class PolicyTrainer:
             self.model, mbs, collect, forward_only=True, sequence_parallel_multiple=self.sp_multiple
         ):
             out[idx, : logp.shape[1]] = logp
+        if self.cp_group is not None:  # each CP rank filled its zigzag share (zeros elsewhere)
+            import torch.distributed as dist
+
+            from dapo_megatron.parallel.cpu import device
+
+            shared = out.to(device())
+            dist.all_reduce(shared, group=self.cp_group)
+            out = shared.cpu()
         return out
 
     def update(
@@ -157,9 +213,7 @@ class PolicyTrainer:
         reports, grad_norms, lrs, skipped = [], [], [], 0
         for _ in range(epochs):
             for start in range(0, n, mini_batch_size):
-                mbs = make_microbatches(
-                    batch, self._my_indices(range(start, start + mini_batch_size)), self.micro_batch_size
-                )
+                mbs = self._micro_batches(batch, range(start, start + mini_batch_size), self.micro_batch_size)
                 self.model.zero_grad_buffer()
                 self.optimizer.zero_grad()
                 reports += run_microbatches(
