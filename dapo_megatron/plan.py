@@ -19,6 +19,9 @@ hidden size, ``f`` = FFN size, ``L_s`` = layers per stage, ``V`` = padded vocabu
   = 18 bytes per parameter (fp32 master + Adam m, v = 12), or ``2 + 4 + 12 / dp`` with the
   distributed optimizer (ZeRO-1 shards the 12 over data-parallel ranks); fp32 params ``4 + 4 + 8``
   or ``4 + 4 + 8 / dp``.
+* Tokens of one micro-batch on one GPU: ``t = s b / cp`` for padded micro-batches, ``t =
+  parallel.max_tokens_per_micro_batch`` with packing (a budget per rank, after the CP split);
+  the formulas below write ``s b`` for ``t`` (Korthikanti's terms are linear in the tokens).
 * Activations of one micro-batch per layer: Megatron-LM's ``s b h (18 + 4 f / h) / tp`` (Korthikanti
   et al. 2022, Table 2, selective recompute with sequence parallelism; with fused attention
   ``recompute: none`` stores the same, the ``5 a s / h`` score term being absent). Full
@@ -155,30 +158,39 @@ def memory_plan(cfg, arch, *, world_size: int, gpus_per_node: int, gpu_memory_gi
 
     s = cfg.data.max_prompt_length + cfg.rollout.max_response_length
     b = par.micro_batch_size
+    cp = par.context_parallel_size
+    budget = par.max_tokens_per_micro_batch
     h, f = arch.hidden_size, arch.ffn_hidden_size
-    per_layer_act = s * b * h * (18 + 4 * f / h) / tp
     seqs_per_rank = tr.ppo_mini_batch_size * cfg.rollout.n // dp
-    micro_batches = max(1, math.ceil(seqs_per_rank / b))
+    lp_mbs = par.log_prob_micro_batch_size or b
+    if budget is None:
+        tokens, lp_tokens = s * b / cp, s * lp_mbs / cp
+        micro_batches = max(1, math.ceil(seqs_per_rank / b))
+        tok_how = f"s={s}, b={b}" + (f", /cp={cp}" if cp > 1 else "")
+    else:  # packed: at most `budget` tokens per GPU; at least one sequence per micro-batch
+        tokens = lp_tokens = budget
+        micro_batches = seqs_per_rank
+        tok_how = f"packed: {budget} tokens/GPU" + (f" (cp={cp})" if cp > 1 else "")
+    per_layer_act = tokens * h * (18 + 4 * f / h) / tp
     in_flight = min(pp, micro_batches)
     if cfg.model.recompute == "full":
-        acts = (2 * s * b * h / tp) * layers_per_stage * in_flight + per_layer_act
+        acts = (2 * tokens * h / tp) * layers_per_stage * in_flight + per_layer_act
         act_how = f"2sbh/tp x {layers_per_stage} layers x {in_flight} in flight + one layer"
     else:
         acts = per_layer_act * layers_per_stage * in_flight
         act_how = f"sbh(18+4f/h)/tp x {layers_per_stage} layers x {in_flight} in flight"
-    logit_shard = s * vocab / tp * w_bytes
-    train_logits = 3 * logit_shard * b
-    lp_mbs = par.log_prob_micro_batch_size or b
-    lp_logits = 2 * logit_shard * lp_mbs
+    logit_row = vocab / tp * w_bytes  # one token's logits shard
+    train_logits = 3 * logit_row * tokens
+    lp_logits = 2 * logit_row * lp_tokens
 
     training = [
         Line("weights", weights / GIB, f"{shard_params / 1e9:.3f}B params x {w_bytes} B"),
         Line("gradients (fp32 buffer)", grads / GIB, "x 4 B"),
         Line("optimizer" + (" (distributed)" if dist_opt else ""), optim / GIB,
              f"x {opt_per_param:.2f} B ({opt_bytes}{f' / dp={dp}' if dist_opt else ''})"),
-        Line("activations", acts / GIB, f"{act_how}, s={s}, b={b}"),
-        Line("logits + log-prob (train)", train_logits / GIB, f"3 x [s, b, V/tp] with V={vocab}"),
-        Line("logits + log-prob (old/ref pass)", lp_logits / GIB, f"2 x [s, {lp_mbs}, V/tp]"),
+        Line("activations", acts / GIB, f"{act_how}, {tok_how}"),
+        Line("logits + log-prob (train)", train_logits / GIB, f"3 x [{tokens:.0f} tokens, V/tp] with V={vocab}"),
+        Line("logits + log-prob (old/ref pass)", lp_logits / GIB, f"2 x [{lp_tokens:.0f} tokens, V/tp]"),
     ]
 
     opts = cfg.rollout.engine_options
@@ -224,7 +236,7 @@ def memory_plan(cfg, arch, *, world_size: int, gpus_per_node: int, gpu_memory_gi
     for line, value in ((phases[0], rollout_peak), (phases[1], train_peak)):
         if value > cap:
             problems.append(f"{line.name}: {value / GIB:.1f} GiB > {gpu_memory_gib} GiB per GPU")
-    summary = {"world": world_size, "tp": tp, "pp": pp, "dp": dp, "engine_tp": rollout_tp,
+    summary = {"world": world_size, "tp": tp, "pp": pp, "cp": cp, "dp": dp, "engine_tp": rollout_tp,
                "engines": world_size // rollout_tp if world_size % rollout_tp == 0 else "-",
                "params": f"{params.total / 1e9:.2f}B", "seq": s}
     return Plan(training, engine, phases, problems, summary)

@@ -60,7 +60,7 @@ class ModelConfig(TypedSection):
 
 @dataclass
 class ParallelConfig(TypedSection):
-    """Model parallelism and micro-batching. The data-parallel size is world_size / (tp * pp)."""
+    """Model parallelism and micro-batching. The data-parallel size is world_size / (tp * pp * cp)."""
 
     _section: ClassVar[str] = "parallel"
 
@@ -73,6 +73,21 @@ class ParallelConfig(TypedSection):
     log_prob_micro_batch_size: int | None = doc_field(
         None, "Sequences per micro-batch when computing old/ref log-probs; null = micro_batch_size."
     )
+    max_tokens_per_micro_batch: int | None = doc_field(
+        None,
+        "Sequence packing: token budget per rank and micro-batch. Sequences are binned (balanced, "
+        "the same number of micro-batches on every data-parallel rank) and packed end to end in THD, "
+        "each padded to a multiple of TP (with SP) x 2*CP (with CP); the budget counts those padded "
+        "tokens divided by context_parallel_size and must hold the longest sequence. null = no "
+        "packing: micro-batches of micro_batch_size sequences, right-padded (under CP: packed, "
+        "micro_batch_size sequences each).",
+    )
+    context_parallel_size: int = doc_field(
+        1,
+        "Context-parallel size (CP): every packed sequence is split over CP ranks in the zigzag "
+        "layout (rank r keeps chunks r and 2*CP-1-r). The token-level loss uses local sums "
+        "(algorithm.loss_agg_mode token-mean, no token_weighting, policy_loss dapo).",
+    )
     backend: Literal["auto", "nccl", "gloo"] = doc_field(
         "auto", "torch.distributed backend; auto = nccl with CUDA, gloo on CPU."
     )
@@ -81,6 +96,12 @@ class ParallelConfig(TypedSection):
         self._require(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", ">= 1")
         self._require(self.pipeline_model_parallel_size >= 1, "pipeline_model_parallel_size", ">= 1")
         self._require(self.micro_batch_size >= 1, "micro_batch_size", ">= 1")
+        self._require(self.context_parallel_size >= 1, "context_parallel_size", ">= 1")
+        self._require(
+            self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+            "max_tokens_per_micro_batch",
+            "null or >= 1",
+        )
         self._require(
             self.log_prob_micro_batch_size is None or self.log_prob_micro_batch_size >= 1,
             "log_prob_micro_batch_size",
@@ -335,6 +356,22 @@ class DapoConfig:
                 f"algorithm.overlong_buffer_len must be < rollout.max_response_length when "
                 f"algorithm.overlong_buffer_enable, got {a.overlong_buffer_len} >= {r.max_response_length}"
             )
+        p = self.parallel
+        if p.max_tokens_per_micro_batch is not None:
+            from dapo_megatron.models import ParallelLayout
+
+            longest = self.data.max_prompt_length + r.max_response_length
+            cp = p.context_parallel_size
+            multiple = ParallelLayout(
+                tp=p.tensor_model_parallel_size, sp=p.sequence_parallel, cp=cp
+            ).packed_sequence_multiple
+            need = -(-longest // multiple) * multiple // cp
+            if p.max_tokens_per_micro_batch < need:
+                raise ValueError(
+                    f"parallel.max_tokens_per_micro_batch={p.max_tokens_per_micro_batch} cannot hold the "
+                    f"longest sequence: data.max_prompt_length + rollout.max_response_length = {longest} "
+                    f"tokens need {need} per rank (context_parallel_size={cp}, padding multiple {multiple})"
+                )
         if require_inputs:
             if not self.model.hf_dir:
                 raise ValueError("model.hf_dir is required (path to a Hugging Face model directory)")
@@ -348,17 +385,18 @@ class DapoConfig:
         the data-parallel ranks, each rank's share in micro-batches of at most
         ``parallel.micro_batch_size`` (the last one may be smaller).
         """
-        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        p = self.parallel
+        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
         if world_size % mp:
             raise ValueError(
                 f"world size {world_size} must be divisible by parallel.tensor_model_parallel_size * "
-                f"parallel.pipeline_model_parallel_size = {mp}"
+                f"parallel.pipeline_model_parallel_size * parallel.context_parallel_size = {mp}"
             )
         dp = world_size // mp
         seqs = self.trainer.ppo_mini_batch_size * self.rollout.n
         if seqs % dp:
             raise ValueError(
                 f"trainer.ppo_mini_batch_size * rollout.n = {seqs} sequences must be divisible by the "
-                f"data-parallel size {dp} (world {world_size} / (TP * PP = {mp}))"
+                f"data-parallel size {dp} (world {world_size} / (TP * PP * CP = {mp}))"
             )
         return dp

@@ -8,8 +8,9 @@ same result with flash/memory-efficient kernels on GPU and a fused kernel on CPU
 attention mask falls back to Megatron's implementation.
 
 Packed sequences (``PackedSeqParams(qkv_format="thd")``, see :mod:`dapo_megatron.parallel.packing`)
-get a block-diagonal causal mask built from ``cu_seqlens_q_padded``: a token attends to the
-earlier tokens of its own sequence only. Under context parallelism (THD, zigzag split) the keys and
+are attended sequence by sequence (``is_causal`` SDPA on each segment of ``cu_seqlens_q_padded``):
+a token attends to the earlier tokens of its own sequence only, i.e. a block-diagonal causal mask
+without materialising it. Under context parallelism (THD, zigzag split) the keys and
 values of the CP group are all-gathered (:func:`dapo_megatron.models.context_parallel.all_gather_cp`) and
 each local query attends to the gathered keys of its sequence up to its own global position:
 correct, not fast (``[T/cp, T]`` mask and scores); TransformerEngine does CP attention on GPU.
@@ -87,19 +88,34 @@ class SDPACausalAttention(DotProductAttention):
         """``query [t, heads, hn]``, ``key/value [t, groups, hn]`` (THD, this CP rank's share)."""
         bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         bounds = [int(b) for b in bounds.tolist()]
-        seg, pos = _packed_segments(bounds)
         cp_group = getattr(self.pg_collection, "cp", None)
-        cp = cp_group.size() if cp_group is not None else 1
-        if cp > 1:
-            local = zigzag_positions(bounds, cp, cp_group.rank())
-            # keys of every CP rank, put back in packed order
-            order = torch.cat([zigzag_positions(bounds, cp, r) for r in range(cp)])
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel())
-            key = all_gather_cp(key, cp_group).flatten(0, 1)[inverse.to(key.device)]
-            value = all_gather_cp(value, cp_group).flatten(0, 1)[inverse.to(value.device)]
-        else:
-            local = torch.arange(bounds[-1])
+        if cp_group is None or cp_group.size() == 1:
+            return self._per_sequence_forward(query, key, value, bounds)
+        return self._context_parallel_forward(query, key, value, bounds, cp_group)
+
+    def _per_sequence_forward(self, query, key, value, bounds):
+        dropout = self.config.attention_dropout if self.training else 0.0
+        outs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            # [len, heads, hn] -> [1, heads, len, hn]
+            q, k, v = (t[start:end].permute(1, 0, 2)[None] for t in (query, key, value))
+            context = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale,
+                enable_gqa=q.size(1) != k.size(1),
+            )
+            outs.append(context[0].permute(1, 0, 2))
+        return torch.cat(outs).reshape(query.size(0), self.hidden_size_per_partition)
+
+    def _context_parallel_forward(self, query, key, value, bounds, cp_group):
+        cp = cp_group.size()
+        seg, pos = _packed_segments(bounds)
+        local = zigzag_positions(bounds, cp, cp_group.rank())
+        # keys and values of every CP rank, put back in packed order
+        order = torch.cat([zigzag_positions(bounds, cp, r) for r in range(cp)])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        key = all_gather_cp(key, cp_group).flatten(0, 1)[inverse.to(key.device)]
+        value = all_gather_cp(value, cp_group).flatten(0, 1)[inverse.to(value.device)]
         q_seg, q_pos = seg[local], pos[local]
         mask = (q_seg[:, None] == seg[None, :]) & (pos[None, :] <= q_pos[:, None])
         # [t, heads, hn] -> [1, heads, t, hn]

@@ -28,6 +28,13 @@ class ParallelLayout:
     sp: bool = False
     cp: int = 1
 
+    @property
+    def packed_sequence_multiple(self) -> int:
+        """What every packed (THD) sequence is padded to a multiple of: ``2 * cp`` for the zigzag CP
+        split (if ``cp > 1``) times ``tp`` under sequence parallelism (the packed row is split
+        over the TP ranks)."""
+        return (self.tp if self.sp else 1) * (2 * self.cp if self.cp > 1 else 1)
+
     def validate(self, arch: ModelArch) -> None:
         """Raise ``ValueError`` naming the field when ``arch`` cannot be split this way."""
         if self.tp < 1 or self.pp < 1:

@@ -9,7 +9,7 @@ Without packing every micro-batch is right-padded to its longest sequence; with 
    DP rank** (Megatron's pipeline schedule runs a fixed count everywhere). Every rank holds the
    whole global batch, so each rank computes every rank's plan locally: no collective.
 2. :func:`pack_micro_batch` lays the sequences of one bin end to end in a ``[1, T]`` token row,
-   each padded to ``pad_multiple`` (sequence parallelism needs ``T`` divisible by TP, the zigzag CP
+   each padded to ``pad_multiple`` (``ParallelLayout.packed_sequence_multiple``: sequence parallelism needs ``T`` divisible by TP, the zigzag CP
    split each sequence divisible by ``2 * cp``), and keeps this CP rank's zigzag share of it
    (:mod:`dapo_megatron.models.context_parallel`). ``cu_seqlens`` / ``cu_seqlens_padded`` describe the
    boundaries for Megatron's ``PackedSeqParams(qkv_format="thd")``: RoPE restarts at every
@@ -31,13 +31,7 @@ import torch
 
 from dapo_megatron.models.context_parallel import zigzag_positions
 
-__all__ = ["PackedSpec", "pad_multiple_for", "balanced_bins", "plan_micro_batches", "pack_micro_batch"]
-
-
-def pad_multiple_for(*, tp: int, sequence_parallel: bool, cp: int) -> int:
-    """The multiple every packed sequence is padded to: ``2 * cp`` for the zigzag split (if
-    ``cp > 1``) times ``tp`` under sequence parallelism (the packed row is split over TP ranks)."""
-    return (tp if sequence_parallel else 1) * (2 * cp if cp > 1 else 1)
+__all__ = ["PackedSpec", "balanced_bins", "plan_micro_batches", "pack_micro_batch", "unpack_token_values"]
 
 
 def _padded(length: int, multiple: int) -> int:

@@ -23,7 +23,7 @@ from functools import partial
 
 import torch
 
-from dapo_megatron.parallel.packing import pack_micro_batch, pad_multiple_for, plan_micro_batches
+from dapo_megatron.parallel.packing import pack_micro_batch, plan_micro_batches
 from dapo_megatron.policy.loss import LossSettings, dapo_loss, packed_token_log_probs, token_log_probs
 from dapo_megatron.policy.metrics import reduce_reports, summarize_loss_metrics
 from dapo_megatron.policy.optim import optimizer_step
@@ -117,8 +117,7 @@ class PolicyTrainer:
         on every data-parallel rank)."""
         if not self.packing:
             return make_microbatches(batch, self._my_indices(indices), micro_batch_size)
-        layout = self.loaded.layout
-        multiple = pad_multiple_for(tp=layout.tp, sequence_parallel=layout.sp, cp=self.cp)
+        multiple = self.loaded.layout.packed_sequence_multiple
         plans = plan_micro_batches(
             batch["seq_lengths"],
             [[i for i in indices if i % self.dp == r] for r in range(self.dp)],

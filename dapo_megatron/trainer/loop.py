@@ -50,7 +50,10 @@ class DapoTrainer:
         self.dp = cfg.validate_world(dist.get_world_size())
         p = cfg.parallel
         layout = ParallelLayout(
-            tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, sp=p.sequence_parallel
+            tp=p.tensor_model_parallel_size,
+            pp=p.pipeline_model_parallel_size,
+            sp=p.sequence_parallel,
+            cp=p.context_parallel_size,
         )
         initialize_parallel(layout, seed=cfg.trainer.seed)
         if cfg.model.megatron_checkpoint:
@@ -86,6 +89,7 @@ class DapoTrainer:
             ),
             micro_batch_size=p.micro_batch_size,
             log_prob_micro_batch_size=p.log_prob_micro_batch_size,
+            max_tokens_per_micro_batch=p.max_tokens_per_micro_batch,
         )
         if cfg.model.megatron_checkpoint:
             self.metadata = validate_checkpoint(cfg.model.megatron_checkpoint)[1]
@@ -99,7 +103,7 @@ class DapoTrainer:
             )
         self.metadata.written_layout = {"tp": layout.tp, "pp": layout.pp}
         # The export to the engine is collective over the TP x PP group of data-parallel rank 0.
-        self.exports_weights = ps.get_data_parallel_rank() == 0
+        self.exports_weights = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
         self.save_dir = Path(cfg.checkpoint.save_dir or Path(cfg.trainer.run_dir) / "checkpoints")
         self.step = 0
         self.collector = None
@@ -206,7 +210,9 @@ class DapoTrainer:
             "tokens": tokens,
             "diff_max": m["abs_diff_max"].double(),
         }
-        tot = reduce_reports([report], keys=list(report), contributes=self.policy.reports_metrics)
+        # old_log_probs are whole on every CP rank: one CP rank counts them
+        contributes = self.policy.reports_metrics and self.policy.cp_rank == 0
+        tot = reduce_reports([report], keys=list(report), contributes=contributes)
         t = max(tot["tokens"], 1.0)
         return {
             "rollout/logprob_diff_mean": tot["diff_sum"] / t,
