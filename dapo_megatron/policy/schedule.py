@@ -43,8 +43,15 @@ def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int, pad_values: d
     return out
 
 
+def _on_device(mb: dict, device: torch.device) -> dict:
+    """The micro-batch's tensors on the model's device (no-op on CPU); other values unchanged."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+
+
 def _forward_step(loss_fn, data_iterator, model):
     mb = next(data_iterator)
+    if torch.cuda.is_available():
+        mb = _on_device(mb, torch.device("cuda", torch.cuda.current_device()))
     input_ids = mb["input_ids"]
     position_ids = mb.get("position_ids")
     if position_ids is None:

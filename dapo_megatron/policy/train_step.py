@@ -160,7 +160,7 @@ class PolicyTrainer:
                     chunk_size=self.loss_settings.logprob_chunk_size,
                     temperature=self.loss_settings.temperature,
                 )
-                return mb["index"], logp.float().cpu()
+                return mb["index"].cpu(), logp.float().cpu()
             width = mb["input_ids"].shape[1]
             logp, _ = token_log_probs(
                 logits[:, :width],
@@ -170,7 +170,7 @@ class PolicyTrainer:
                 chunk_size=self.loss_settings.logprob_chunk_size,
                 temperature=self.loss_settings.temperature,
             )
-            return mb["index"], logp.float().cpu()
+            return mb["index"].cpu(), logp.float().cpu()
 
         for idx, logp in run_microbatches(
             self.model, mbs, collect, forward_only=True, sequence_parallel_multiple=self.sp_multiple
