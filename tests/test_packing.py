@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dapo_megatron.algo.config import AlgorithmConfig
 from dapo_megatron.config import DapoConfig, ParallelConfig
 from dapo_megatron.models import ParallelLayout
 from dapo_megatron.models.context_parallel import zigzag_positions
@@ -102,11 +103,12 @@ def test_cp_ranks_together_compute_every_log_prob_once():
 
 def test_context_parallel_rejects_sequence_level_losses_by_name():
     LossSettings().check_context_parallel(2)  # token-mean: fine
+    seq_mean = LossSettings(AlgorithmConfig(loss_agg_mode="seq-mean-token-mean"))
     with pytest.raises(ValueError, match="loss_agg_mode='seq-mean-token-mean'"):
-        LossSettings(loss_agg_mode="seq-mean-token-mean").check_context_parallel(2)
+        seq_mean.check_context_parallel(2)
     with pytest.raises(ValueError, match="token_weighting='entropy_top_rho'"):
-        LossSettings(token_weighting="entropy_top_rho").check_context_parallel(2)
-    LossSettings(loss_agg_mode="seq-mean-token-mean").check_context_parallel(1)
+        LossSettings(AlgorithmConfig(token_weighting="entropy_top_rho")).check_context_parallel(2)
+    seq_mean.check_context_parallel(1)
 
 
 def test_config_fields_validated():
