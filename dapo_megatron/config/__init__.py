@@ -1,53 +1,14 @@
 """Typed, validated configuration for the DAPO trainer.
 
-:mod:`~dapo_megatron.config.schema` holds the sections (one dataclass each);
-:mod:`~dapo_megatron.config.loading` resolves defaults, a preset, the YAML file and
-``section.key=value`` overrides, in that order (later wins). Unknown keys are rejected by their
-dotted path with a close-match suggestion; bad values raise ``ValueError`` naming the field.
+:mod:`~dapo_megatron.config.schema` holds the sections (one dataclass each; ``algorithm`` is
+:class:`dapo_megatron.algo.config.AlgorithmConfig`); :mod:`~dapo_megatron.config.loading` resolves
+defaults, a preset, the YAML file and ``section.key=value`` overrides, in that order (later wins).
+Unknown keys are rejected by their dotted path with a close-match suggestion; bad values raise
+``ValueError`` naming the field.
 """
 
-from dapo_megatron.config.loading import (
-    PRESETS,
-    build_arg_parser,
-    config_field_docs,
-    config_from_argv,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    save_config,
-)
-from dapo_megatron.config.schema import (
-    AlgorithmConfig,
-    CheckpointConfig,
-    DapoConfig,
-    DataConfig,
-    LoggingConfig,
-    ModelConfig,
-    OptimizerConfig,
-    ParallelConfig,
-    RewardConfig,
-    RolloutConfig,
-    TrainerConfig,
-)
+from dapo_megatron.config import loading, schema
+from dapo_megatron.config.loading import *  # noqa: F403  (the public names listed in loading.__all__)
+from dapo_megatron.config.schema import *  # noqa: F403  (the public names listed in schema.__all__)
 
-__all__ = [
-    "PRESETS",
-    "AlgorithmConfig",
-    "CheckpointConfig",
-    "DapoConfig",
-    "DataConfig",
-    "LoggingConfig",
-    "ModelConfig",
-    "OptimizerConfig",
-    "ParallelConfig",
-    "RewardConfig",
-    "RolloutConfig",
-    "TrainerConfig",
-    "build_arg_parser",
-    "config_field_docs",
-    "config_from_argv",
-    "config_from_dict",
-    "config_to_dict",
-    "load_config",
-    "save_config",
-]
+__all__ = sorted(schema.__all__ + loading.__all__)
