@@ -94,6 +94,38 @@ class AlgorithmConfig(TypedSection):
     clip_cov_upper: float = doc_field(5.0, "clip_cov: upper covariance bound of the eligible tokens.")
     kl_cov_ratio: float = doc_field(2e-3, "kl_cov: fraction of valid tokens penalised, in [0, 1].")
     kl_cov_coef: float = doc_field(1.0, "kl_cov: coefficient of the |log-ratio| penalty (>= 0).")
+    adaptive_clip_high: bool = doc_field(
+        False,
+        "Entropy-targeted Clip-Higher: after each step move clip_ratio_high by adaptive_clip_gain per "
+        "nat the step's mean token entropy lies outside [adaptive_clip_entropy_low, "
+        "adaptive_clip_entropy_high] (up when below, down when above), clamped to [adaptive_clip_min, "
+        "adaptive_clip_max]; starts at clip_ratio_high (algo/adaptive_clip.py). Logged as "
+        "algorithm/clip_ratio_high; its value is in the checkpoint.",
+    )
+    adaptive_clip_entropy_low: float = doc_field(
+        0.3, "adaptive_clip_high: lower end of the entropy band (nats, >= 0)."
+    )
+    adaptive_clip_entropy_high: float = doc_field(
+        1.0, "adaptive_clip_high: upper end of the entropy band (nats, >= adaptive_clip_entropy_low)."
+    )
+    adaptive_clip_gain: float = doc_field(
+        0.05, "adaptive_clip_high: change of clip_ratio_high per nat outside the band (>= 0)."
+    )
+    adaptive_clip_min: float = doc_field(0.2, "adaptive_clip_high: lower bound of clip_ratio_high (>= 0).")
+    adaptive_clip_max: float = doc_field(
+        0.5, "adaptive_clip_high: upper bound of clip_ratio_high (>= adaptive_clip_min)."
+    )
+    prompt_skipping: bool = doc_field(
+        False,
+        "History-based prompt skipping (GRESO): a prompt whose last z groups in a row had no contrast in "
+        "filter_metric (all right or all wrong: zero advantage) is generated with probability "
+        "prompt_skipping_explore_prob ** z, else skipped and the next prompt drawn, so each generation "
+        "round still has gen_batch_size prompts (algo/prompt_skipping.py). The history is in the "
+        "checkpoint. Metric: rollout/responses_per_kept_group.",
+    )
+    prompt_skipping_explore_prob: float = doc_field(
+        0.5, "prompt_skipping: keep probability per zero-advantage epoch in a row, in (0, 1]."
+    )
 
     def validate(self) -> None:
         self._require(0 < self.token_weighting_rho <= 1, "token_weighting_rho", "in (0, 1]")
@@ -114,3 +146,24 @@ class AlgorithmConfig(TypedSection):
         self._require(self.kl_coef >= 0, "kl_coef", ">= 0")
         self._require(self.entropy_coef >= 0, "entropy_coef", ">= 0")
         self._require(self.tis_cap is None or self.tis_cap > 0, "tis_cap", "null or > 0")
+        self._require(self.adaptive_clip_entropy_low >= 0, "adaptive_clip_entropy_low", ">= 0")
+        self._require(
+            self.adaptive_clip_entropy_high >= self.adaptive_clip_entropy_low,
+            "adaptive_clip_entropy_high",
+            f">= adaptive_clip_entropy_low={self.adaptive_clip_entropy_low}",
+        )
+        self._require(self.adaptive_clip_gain >= 0, "adaptive_clip_gain", ">= 0")
+        self._require(self.adaptive_clip_min >= 0, "adaptive_clip_min", ">= 0")
+        self._require(
+            self.adaptive_clip_max >= self.adaptive_clip_min,
+            "adaptive_clip_max",
+            f">= adaptive_clip_min={self.adaptive_clip_min}",
+        )
+        if self.adaptive_clip_high:
+            self._require(
+                self.adaptive_clip_min <= self.clip_ratio_high <= self.adaptive_clip_max,
+                "clip_ratio_high",
+                f"in [adaptive_clip_min={self.adaptive_clip_min}, adaptive_clip_max={self.adaptive_clip_max}] "
+                "when adaptive_clip_high (its starting value)",
+            )
+        self._require(0 < self.prompt_skipping_explore_prob <= 1, "prompt_skipping_explore_prob", "in (0, 1]")

@@ -13,6 +13,7 @@ The rollout engine lives on global rank 0 (the driver); every other rank only tr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from dapo_megatron.config import DapoConfig, save_config
 from dapo_megatron.parallel.comm import broadcast_object
 from dapo_megatron.trainer.batch import samples_to_batch
 from dapo_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dapo_megatron.trainer.clip_control import ClipHighController
 
 # Token positions per chunk of the vocab-parallel log-prob computation: bounds its fp32 work buffer
 # to LOGPROB_CHUNK_TOKENS x (vocab / TP) (e.g. 78 MB for Qwen2.5's 152k vocabulary at TP=8).
@@ -105,6 +107,7 @@ class DapoTrainer:
         # The export to the engine is collective over the TP x PP group of data-parallel rank 0.
         self.exports_weights = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
         self.save_dir = Path(cfg.checkpoint.save_dir or Path(cfg.trainer.run_dir) / "checkpoints")
+        self.clip_high = ClipHighController(cfg.algorithm)  # same state on every rank
         self.step = 0
         self.collector = None
         self.val_dataset = None
@@ -177,7 +180,14 @@ class DapoTrainer:
         mismatch = self._mismatch(batch)
 
         n_seq = cfg.trainer.ppo_mini_batch_size * cfg.rollout.n
+        clip_high = self.clip_high.value
+        settings = self.policy.loss_settings
+        self.policy.loss_settings = dataclasses.replace(
+            settings, algorithm=dataclasses.replace(settings.algorithm, clip_ratio_high=clip_high)
+        )
         update_metrics = self.policy.update(batch, mini_batch_size=n_seq, epochs=cfg.trainer.ppo_epochs)
+        update_metrics["algorithm/clip_ratio_high"] = clip_high
+        self.clip_high.observe(update_metrics["entropy"])  # all-reduced: equal on every rank
         t_update = time.monotonic() - t0 - t_rollout - t_logprob
         t_sync = self.sync_weights()
         step_time = time.monotonic() - t0
@@ -240,7 +250,11 @@ class DapoTrainer:
     def save(self) -> Path:
         state = None
         if self.rank == 0:
-            state = {"step": self.step, "collector": self.collector.state_dict()}
+            state = {
+                "step": self.step,
+                "collector": self.collector.state_dict(),
+                "clip_high": self.clip_high.state_dict(),
+            }
         return save_checkpoint(
             self.save_dir,
             self.step,
@@ -264,6 +278,7 @@ class DapoTrainer:
             path, model=self.loaded.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
         self.step = state["step"]
+        self.clip_high.load_state_dict(state.get("clip_high", {"enabled": False, "clip_ratio_high": 0.0}))
         if self.rank == 0:
             self.collector.load_state_dict(state["collector"])
             print(f"[dapo] resumed from {path} at step {self.step}", flush=True)

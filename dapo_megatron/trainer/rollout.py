@@ -14,6 +14,7 @@ import torch
 
 from dapo_megatron.algo import DynamicSampler, overlong_penalty
 from dapo_megatron.rollout import SamplingConfig
+from dapo_megatron.trainer.prompt_skip import PromptSkipper
 
 # Seeds of successive generation rounds are spaced so per-sample seeds (base + i*n + j) never collide.
 _SEED_STRIDE = 1_000_003
@@ -35,6 +36,11 @@ class RolloutCollector:
             max_num_gen_batches=algo.max_num_gen_batches,
             metric=algo.filter_metric,
             enabled=algo.dynamic_sampling,
+        )
+        self.prompt_skipper = PromptSkipper(
+            enabled=algo.prompt_skipping,
+            explore_prob=algo.prompt_skipping_explore_prob,
+            metric=algo.filter_metric,
         )
         self.generation_round = 0  # persisted: makes every round's sampling seed reproducible
 
@@ -93,16 +99,23 @@ class RolloutCollector:
         cfg = self.cfg
         generated: list[dict] = []
         gen_metrics: dict[str, float] = {}
+        scanned = 0
         while True:
-            indices = self.data_sampler.next_batch(cfg.trainer.gen_batch_size)
+            indices, drawn = self.prompt_skipper.choose(
+                self.data_sampler,
+                cfg.trainer.gen_batch_size,
+                seed=cfg.trainer.seed * _SEED_STRIDE + self.generation_round,
+            )
+            scanned += drawn
             prompts = self.dataset.batch(indices)
             seed = cfg.trainer.seed * _SEED_STRIDE + self.generation_round * (
-                cfg.rollout.n * len(prompts) + 1
+                cfg.rollout.n * cfg.trainer.gen_batch_size + 1
             )
             self.generation_round += 1
             samples, metrics = self.generate_and_score(
                 prompts, cfg.rollout.n, self.sampling(seed=seed), uid_prefix=f"r{self.generation_round}"
             )
+            self.prompt_skipper.observe(indices, samples, cfg.rollout.n)
             generated += samples
             for k, v in metrics.items():
                 gen_metrics[k] = gen_metrics.get(k, 0.0) + v
@@ -124,8 +137,15 @@ class RolloutCollector:
                 # ... and over the groups kept for training
                 "acc/kept_mean": sum(s["acc"] for s in batch) / len(batch),
                 "reward/kept_mean": sum(s["reward"] for s in batch) / len(batch),
+                # what dynamic sampling costs: responses generated per group that is trained on
+                "rollout/responses_per_kept_group": n / cfg.trainer.train_batch_size,
             }
         )
+        if self.prompt_skipper.enabled:
+            generated_prompts = n // cfg.rollout.n
+            out["prompt_skipping/skipped_prompts"] = float(scanned - generated_prompts)
+            out["prompt_skipping/skip_ratio"] = (scanned - generated_prompts) / scanned
+            out["prompt_skipping/zero_streak_prompts"] = float(self.prompt_skipper.num_zero_streak())
         return batch, out
 
     def state_dict(self) -> dict[str, Any]:
@@ -133,9 +153,12 @@ class RolloutCollector:
             "generation_round": self.generation_round,
             "data_sampler": self.data_sampler.state_dict(),
             "dynamic_sampler": self.dynamic_sampler.state_dict(),
+            "prompt_skipper": self.prompt_skipper.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generation_round = state["generation_round"]
         self.data_sampler.load_state_dict(state["data_sampler"])
         self.dynamic_sampler.load_state_dict(state["dynamic_sampler"])
+        # (checkpoints from before prompt skipping existed hold no history: a disabled skipper)
+        self.prompt_skipper.load_state_dict(state.get("prompt_skipper", {"enabled": False, "history": {}}))
