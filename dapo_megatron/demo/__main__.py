@@ -46,38 +46,47 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = demo_dir / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run each time (the trainer would otherwise resume)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(args.nproc),
-        "-m",
-        "dapo_megatron.train",
-        "--config",
-        str(CONFIG),
+    overrides = [
         f"model.hf_dir={demo_dir / 'model'}",
         f"data.train_files=[{demo_dir / 'data' / 'train.parquet'}]",
         f"data.val_files=[{demo_dir / 'data' / 'val.parquet'}]",
         f"trainer.run_dir={run_dir}",
         *args.overrides,
     ]
+    return launch(CONFIG, overrides, run_dir, nproc=args.nproc)
+
+
+def launch(config: Path, overrides: list[str], run_dir: Path, *, nproc: int, tag: str = "demo") -> int:
+    """``torchrun --nproc-per-node nproc -m dapo_megatron.train --config config *overrides``, then
+    print the first and last validation accuracy of ``run_dir/metrics.jsonl``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "dapo_megatron.train",
+        "--config",
+        str(config),
+        *overrides,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    print("[demo] " + " ".join(cmd), flush=True)
+    print(f"[{tag}] " + " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
     if rc:
         return rc
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    val = [(r["step"], v) for r in rows for k, v in r.items() if k.startswith("val/acc_avg@")]
+    val = [(r["step"], k, v) for r in rows for k, v in r.items() if k.startswith("val/acc_avg@")]
     if len(val) >= 2:
-        (s0, a0), (s1, a1) = val[0], val[-1]
+        (s0, key, a0), (s1, _, a1) = val[0], val[-1]
         print(
-            f"[demo] validation accuracy (avg@8, T=1): step {s0}: {a0:.3f} -> step {s1}: {a1:.3f} "
+            f"[{tag}] validation accuracy ({key[4:]}): step {s0}: {a0:.3f} -> step {s1}: {a1:.3f} "
             f"({'+' if a1 >= a0 else ''}{a1 - a0:.3f})",
             flush=True,
         )
         print(
-            f"[demo] metrics: {run_dir / 'metrics.jsonl'}  plot: python tools/plot_metrics.py {run_dir}",
+            f"[{tag}] metrics: {run_dir / 'metrics.jsonl'}  plot: python tools/plot_metrics.py {run_dir}",
             flush=True,
         )
     return 0
