@@ -33,6 +33,15 @@ def test_compute_score_reads_the_first_integer():
         assert int(a) == int(x) + int(y)
 
 
+def test_example_config_loads_for_two_ranks():
+    from dapo_megatron.config import load_config
+
+    cfg = load_config(ROOT / "examples" / "smollm2_cpu.yaml", require_inputs=False)
+    assert cfg.validate_world(2) == 2  # data parallel over the 2 ranks
+    assert cfg.rollout.engine == "vllm" and cfg.model.dtype == "fp32"
+    assert cfg.reward.reward_fn == "dapo_megatron.demo.smollm2:compute_score"
+
+
 @pytest.fixture(scope="module")
 def two_steps(tmp_path_factory):
     """metrics.jsonl rows of a 2-step run (one job shared by the tests below)."""
