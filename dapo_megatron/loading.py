@@ -42,6 +42,7 @@ class LoadedModel:
             padded_vocab_size=self.padded_vocab_size,
             tp_group=ps.get_tensor_model_parallel_group(),
             pp_group=ps.get_pipeline_model_parallel_group(),
+            ep_group=ps.get_expert_model_parallel_group() if self.layout.ep > 1 else None,
             **kwargs,
         )
 

@@ -5,8 +5,8 @@ import torch
 from dapo_megatron.verify import gather_vocab_parallel_logits
 
 
-def logits_by_layout(rank, world_size, hf_dirs, tp, pp, sp, input_ids, seqs_per_microbatch):
-    """Forward ``input_ids`` on every model in ``hf_dirs`` at (tp, pp, sp); DP = world / (tp*pp).
+def logits_by_layout(rank, world_size, hf_dirs, tp, pp, sp, input_ids, seqs_per_microbatch, ep=1):
+    """Forward ``input_ids`` on every model in ``hf_dirs`` at (tp, pp, sp, ep); DP = world / (tp*pp).
 
     Returns, from ranks on the last stage with TP rank 0, {arch: {sequence index: logits [s, V]}}.
     """
@@ -17,7 +17,7 @@ def logits_by_layout(rank, world_size, hf_dirs, tp, pp, sp, input_ids, seqs_per_
     from dapo_megatron.parallel.groups import initialize_parallel
     from dapo_megatron.policy.schedule import run_microbatches
 
-    layout = ParallelLayout(tp=tp, pp=pp, sp=sp)
+    layout = ParallelLayout(tp=tp, pp=pp, sp=sp, ep=ep)
     initialize_parallel(layout)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = list(range(input_ids.shape[0]))[dp_rank::dp]

@@ -27,3 +27,16 @@ def tiny_hf_dirs(tmp_path_factory):
         make_tiny_hf_model(arch, root / arch, seed=i)
         dirs[arch] = str(root / arch)
     return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dirs(tmp_path_factory):
+    """Saved tiny random Qwen3-MoE models (top-k renormalised and not): {arch: path}."""
+    from tests.helpers.tiny_models import TINY_MOE_ARCHS, make_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("tiny_moe")
+    dirs = {}
+    for i, arch in enumerate(TINY_MOE_ARCHS):
+        make_tiny_hf_model(arch, root / arch, seed=10 + i)
+        dirs[arch] = str(root / arch)
+    return dirs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dapo_megatron.conversion.hf_io import HFCheckpointReader
-from dapo_megatron.conversion.names import shift_layer, stage_layer_offset, unwrap_model
+from dapo_megatron.conversion.names import expert_offset, stage_layer_offset, to_global, unwrap_model
 from dapo_megatron.conversion.tables import NameResolver, mappings_for
 from dapo_megatron.conversion.transforms import ShardContext
 from dapo_megatron.models import (
@@ -50,10 +50,10 @@ def load_hf_into_megatron(
     resolver = NameResolver(mappings_for(arch, transformer_engine=have_transformer_engine()))
     check_hf_names(reader, arch, resolver)
     ctx = ShardContext(arch=arch, tp_rank=tp_rank, tp_size=tp_size, padded_vocab_size=padded_vocab_size)
-    offset = stage_layer_offset(model)
+    offset, experts = stage_layer_offset(model), expert_offset(model)
     loaded = 0
     for local_name, param in model.named_parameters():
-        name = shift_layer(local_name, offset)
+        name = to_global(local_name, offset, experts)
         row, layer = resolver.megatron(name)
         hf_names = row.hf_names(layer)
         tensors = [reader.read(n) for n in hf_names]  # plain reads: RSS bounded by live tensors

@@ -70,7 +70,7 @@ def _tp_dim(transform) -> int | None:
 def _part_bounds(row: WeightMapping, ctx: ShardContext) -> list[int]:
     """Row offsets (dim 0 of the TP1 parameter) where independent parts begin."""
     if isinstance(row.transform, GatedMLP):
-        return [0, ctx.arch.ffn_hidden_size]
+        return [0, row.transform.ffn_size(ctx)]
     if isinstance(row.transform, VocabParallel) and ctx.padded_vocab_size > ctx.arch.vocab_size:
         return [0, ctx.arch.vocab_size]
     return [0]

@@ -2,7 +2,10 @@
 
 A row says: this Megatron parameter is built from these HF tensors by this transform. ``{layer}``
 is the *global* layer index (Megatron's module names use the stage-local index; the loader and
-exporter translate). Adding an architecture is adding a table, not control flow.
+exporter translate). ``{expert}`` is the *global* expert index; :func:`mappings_for` expands it
+into one row per expert (Megatron's names use the expert index local to the expert-parallel rank,
+see :mod:`dapo_megatron.conversion.names`). Adding an architecture is adding a table, not control
+flow.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import re
 from dataclasses import dataclass, replace
 
 from dapo_megatron.conversion.transforms import (
+    EXPERT_GATED_MLP,
     FUSED_QKV,
     GATED_MLP,
     REPLICATED,
@@ -71,12 +75,37 @@ QWEN3: tuple[WeightMapping, ...] = LLAMA + (
     WeightMapping(f"{_L}.self_attention.k_layernorm.weight", (f"{_H}.self_attn.k_norm.weight",), REPLICATED),
 )
 
-TABLES: dict[str, tuple[WeightMapping, ...]] = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3}
+_DENSE_MLP = (f"{_L}.mlp.linear_fc1.weight", f"{_L}.mlp.linear_fc2.weight")
+_E = f"{_L}.mlp.experts.local_experts.{{expert}}"  # SequentialMLP (local spec)
+_HE = f"{_H}.mlp.experts.{{expert}}"
 
-# TransformerEngine's layer spec fuses the pre-attention / pre-MLP norms into the next linear.
+# Qwen3-MoE: Qwen3 attention; every MLP is a router + experts (no shared expert).
+QWEN3_MOE: tuple[WeightMapping, ...] = tuple(r for r in QWEN3 if r.megatron not in _DENSE_MLP) + (
+    WeightMapping(f"{_L}.mlp.router.weight", (f"{_H}.mlp.gate.weight",), REPLICATED),
+    WeightMapping(
+        f"{_E}.linear_fc1.weight", (f"{_HE}.gate_proj.weight", f"{_HE}.up_proj.weight"), EXPERT_GATED_MLP
+    ),
+    WeightMapping(f"{_E}.linear_fc2.weight", (f"{_HE}.down_proj.weight",), ROW_PARALLEL),
+)
+
+TABLES: dict[str, tuple[WeightMapping, ...]] = {
+    "llama": LLAMA,
+    "qwen2": QWEN2,
+    "qwen3": QWEN3,
+    "qwen3_moe": QWEN3_MOE,
+}
+
+# TransformerEngine's layer spec fuses the pre-attention / pre-MLP norms into the next linear
+# (dense MLPs only: an MoE layer keeps its pre-MLP norm), and its grouped-GEMM experts
+# (TEGroupedMLP) name expert e's weights ``linear_fc1.weight{e}``.
 TE_RENAMES = {
     f"{_L}.input_layernorm.weight": f"{_L}.self_attention.linear_qkv.layer_norm_weight",
     f"{_L}.pre_mlp_layernorm.weight": f"{_L}.mlp.linear_fc1.layer_norm_weight",
+}
+TE_MOE_RENAMES = {
+    f"{_L}.input_layernorm.weight": f"{_L}.self_attention.linear_qkv.layer_norm_weight",
+    f"{_E}.linear_fc1.weight": f"{_L}.mlp.experts.linear_fc1.weight{{expert}}",
+    f"{_E}.linear_fc2.weight": f"{_L}.mlp.experts.linear_fc2.weight{{expert}}",
 }
 
 
@@ -86,19 +115,26 @@ def mappings_for(arch: ModelArch, *, transformer_engine: bool = False) -> tuple[
         raise ValueError(
             f"no conversion table for architecture family {arch.family!r}; have {sorted(TABLES)}"
         )
+    renames = (TE_MOE_RENAMES if arch.is_moe else TE_RENAMES) if transformer_engine else {}
     rows = []
     for row in TABLES[arch.family]:
         if row.megatron == "output_layer.weight" and arch.tie_word_embeddings:
             # Tied: the last stage's output layer is a copy of the embedding; HF stores it once.
             row = replace(row, hf=("model.embed_tokens.weight",))
-        if transformer_engine and row.megatron in TE_RENAMES:
-            row = replace(row, megatron=TE_RENAMES[row.megatron])
-        rows.append(row)
+        if row.megatron in renames:
+            row = replace(row, megatron=renames[row.megatron])
+        if "{expert}" in row.megatron:
+            rows.extend(_for_expert(row, e) for e in range(arch.num_experts))
+        else:
+            rows.append(row)
     return tuple(rows)
 
 
-def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{layer\}", r"(\d+)") + "$")
+def _for_expert(row: WeightMapping, expert: int) -> WeightMapping:
+    def fill(template: str) -> str:
+        return template.replace("{expert}", str(expert))
+
+    return replace(row, megatron=fill(row.megatron), hf=tuple(fill(n) for n in row.hf))
 
 
 class NameResolver:
@@ -106,20 +142,31 @@ class NameResolver:
 
     def __init__(self, rows: tuple[WeightMapping, ...]):
         self.rows = rows
-        self._megatron = [(_pattern(r.megatron), r) for r in rows]
-        self._hf = [(_pattern(t), r) for r in rows for t in r.hf]
+        # Keyed by the name with its layer index replaced by "{layer}": one dict lookup per name
+        # (an MoE table has a row per expert, too many to try as patterns one by one).
+        self._megatron = {r.megatron: r for r in rows}
+        self._hf = {t: r for r in rows for t in r.hf}
+
+    @staticmethod
+    def _template(name: str) -> tuple[str, int | None]:
+        m = _LAYER_INDEX.search(name)
+        if not m:
+            return name, None
+        return name[: m.start(1)] + "{layer}" + name[m.end(1) :], int(m.group(1))
 
     def megatron(self, name: str) -> tuple[WeightMapping, int | None]:
         """``(row, layer)`` for a Megatron parameter name with a *global* layer index."""
-        for pattern, row in self._megatron:
-            m = pattern.match(name)
-            if m:
-                return row, (int(m.group(1)) if row.per_layer else None)
-        raise KeyError(f"no conversion mapping for Megatron parameter {name!r}")
+        template, layer = self._template(name)
+        row = self._megatron.get(template) if layer is not None else self._megatron.get(name)
+        if row is None:
+            raise KeyError(f"no conversion mapping for Megatron parameter {name!r}")
+        return row, (layer if row.per_layer else None)
 
     def hf_known(self, name: str, num_layers: int) -> bool:
-        for pattern, row in self._hf:
-            m = pattern.match(name)
-            if m and (not row.per_layer or int(m.group(1)) < num_layers):
-                return True
-        return False
+        template, layer = self._template(name)
+        if layer is not None and template in self._hf:
+            return layer < num_layers
+        return name in self._hf
+
+
+_LAYER_INDEX = re.compile(r"^(?:decoder|model)\.layers\.(\d+)\.")

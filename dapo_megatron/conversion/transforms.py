@@ -161,13 +161,18 @@ class FusedQKV(Transform):
 
 class GatedMLP(Transform):
     """``gate_proj`` and ``up_proj`` -> Megatron's ``linear_fc1``. Each TP rank holds
-    ``[gate shard; up shard]``, not a slice of ``[gate; up]``."""
+    ``[gate shard; up shard]``, not a slice of ``[gate; up]``. ``expert=True``: one expert of an
+    MoE layer (intermediate size ``moe_ffn_hidden_size``)."""
 
-    name = "gated_mlp"
+    def __init__(self, expert: bool = False):
+        self.expert = expert
+        self.name = "expert_gated_mlp" if expert else "gated_mlp"
+
+    def ffn_size(self, ctx) -> int:
+        return ctx.arch.moe_ffn_hidden_size if self.expert else ctx.arch.ffn_hidden_size
 
     def expected_hf_shapes(self, names, ctx):
-        a = ctx.arch
-        return [(a.ffn_hidden_size, a.hidden_size)] * 2
+        return [(self.ffn_size(ctx), ctx.arch.hidden_size)] * 2
 
     def to_shard(self, names, tensors, ctx):
         gate, up = tensors
@@ -186,3 +191,4 @@ ROW_PARALLEL = TPSplit(dim=1)
 VOCAB_PARALLEL = VocabParallel()
 FUSED_QKV = FusedQKV()
 GATED_MLP = GatedMLP()
+EXPERT_GATED_MLP = GatedMLP(expert=True)

@@ -21,12 +21,19 @@ from dapo_megatron.utils.dtypes import DTYPES
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """How a model is split: tensor (TP), pipeline (PP), sequence parallel (SP), context (CP)."""
+    """How a model is split: tensor (TP), pipeline (PP), sequence parallel (SP), context (CP),
+    expert (EP).
+
+    Experts are split over ``ep`` ranks carved out of the data-parallel x tensor-parallel ranks
+    (Megatron's MoE parallel folding); each expert's MLP is itself split over the TP ranks
+    (expert TP = TP, Megatron's default).
+    """
 
     tp: int = 1
     pp: int = 1
     sp: bool = False
     cp: int = 1
+    ep: int = 1
 
     @property
     def packed_sequence_multiple(self) -> int:
@@ -60,6 +67,36 @@ class ParallelLayout:
             raise ValueError("sequence_parallel=True needs tensor_model_parallel_size > 1")
         if self.cp < 1:
             raise ValueError(f"context_parallel_size must be >= 1, got {self.cp}")
+        if self.ep < 1:
+            raise ValueError(f"expert_model_parallel_size must be >= 1, got {self.ep}")
+        if self.ep > 1 and not arch.is_moe:
+            raise ValueError(
+                f"expert_model_parallel_size={self.ep} needs a mixture-of-experts model; "
+                f"{arch.model_type} has no experts"
+            )
+        if arch.is_moe:
+            if arch.num_experts % self.ep:
+                raise ValueError(
+                    f"expert_model_parallel_size={self.ep} must divide num_experts={arch.num_experts}"
+                )
+            if arch.moe_ffn_hidden_size % self.tp:
+                raise ValueError(
+                    f"tensor_model_parallel_size={self.tp} must divide moe_intermediate_size="
+                    f"{arch.moe_ffn_hidden_size}"
+                )
+
+    def check_world(self, world_size: int) -> None:
+        """Raise ``ValueError`` when ``world_size`` ranks cannot hold this layout."""
+        if world_size % (self.tp * self.pp * self.cp):
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size * pipeline_model_parallel_size "
+                f"* context_parallel_size = {self.tp} * {self.pp} * {self.cp}"
+            )
+        if world_size % (self.tp * self.ep * self.pp):
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size * "
+                f"expert_model_parallel_size * pipeline_model_parallel_size = {self.tp} * {self.ep} * {self.pp}"
+            )
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -88,6 +125,8 @@ def transformer_config_from_arch(
     *,
     dtype: str = "fp32",
     recompute: str = "none",
+    moe_aux_loss_coeff: float = 0.0,
+    moe_routing_replay: bool = False,
     **overrides,
 ):
     """A Megatron ``TransformerConfig`` for ``arch`` at ``layout``.
@@ -95,6 +134,13 @@ def transformer_config_from_arch(
     ``calculate_per_token_loss`` is always on: the loss function returns ``(sum, num_tokens)`` and
     Megatron divides by the token count of the whole global batch (see ``megatron/loss.py``).
     It must be set here, before DDP wrapping, because DDP reads it once at construction.
+
+    MoE (``arch.is_moe``): the router runs in fp32 and picks the top-k experts the way HF's
+    Qwen3-MoE does: softmax over all experts, top-k, renormalised when ``norm_topk_prob``
+    (Megatron: top-k of the logits, then softmax over the k = the same probabilities); without
+    renormalisation, softmax first (``moe_router_pre_softmax``). No token dropping. The
+    load-balancing loss is off unless ``moe_aux_loss_coeff > 0``. ``moe_routing_replay`` creates
+    Megatron's ``RouterReplay`` per layer (see :mod:`dapo_megatron.policy.routing_replay`).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -155,22 +201,68 @@ def transformer_config_from_arch(
         attention_softmax_in_fp32=True,
         **recompute_kwargs,
     )
+    if arch.is_moe:
+        kwargs.update(_moe_kwargs(arch, layout, moe_aux_loss_coeff, moe_routing_replay))
+    elif moe_aux_loss_coeff or moe_routing_replay:
+        raise ValueError(
+            f"moe_aux_loss_coeff / routing_replay need a mixture-of-experts model; {arch.model_type} has none"
+        )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _moe_kwargs(arch: ModelArch, layout: ParallelLayout, aux_loss_coeff: float, routing_replay: bool) -> dict:
+    if aux_loss_coeff < 0:
+        raise ValueError(f"moe_aux_loss_coeff must be >= 0, got {aux_loss_coeff}")
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_router_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.tp,
+        # alltoall runs on gloo (all_to_all_single) as well as NCCL, and with variable lengths.
+        moe_token_dispatcher_type="alltoall",
+        moe_permute_fusion=False,
+        moe_grouped_gemm=have_transformer_engine(),
+        moe_enable_routing_replay=routing_replay,
+    )
+
+
+def _define_te_gemm_fallback() -> None:
+    """megatron-core 0.16 ``moe_utils`` binds ``te_general_gemm`` only when TransformerEngine
+    imports, yet the fp32 router (``RouterGatingLinearFunction``) reads it unconditionally; without
+    TE it must be ``None`` (the plain ``torch`` matmul path)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _layer_spec(config, arch: ModelArch):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if have_transformer_engine():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=arch.num_experts or None, moe_grouped_gemm=arch.is_moe, qk_layernorm=arch.qk_norm
+        )
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     from dapo_megatron.models.attention import local_core_attention
     from dapo_megatron.models.norm import RMSNorm
 
-    layer = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    # MoE on the local spec: SequentialMLP, one plain MLP per local expert.
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=arch.num_experts or None,
+        moe_grouped_gemm=False,
+        qk_layernorm=arch.qk_norm,
+        normalization="RMSNorm",
+    )
     sub = layer.submodules
     sub.input_layernorm = RMSNorm
     sub.pre_mlp_layernorm = RMSNorm
@@ -205,6 +297,8 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
+    if arch.is_moe:
+        _define_te_gemm_fallback()
     model = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(config, arch),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 # HF ``model_type`` -> conversion-table family.
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}
 # Megatron-Core's built-in RoPE scaling is Llama-3.1 style with these fixed constants.
 _MCORE_LLAMA3_ROPE = {
     "low_freq_factor": 1.0,
@@ -27,7 +27,7 @@ _MCORE_LLAMA3_ROPE = {
 class ModelArch:
     """A decoder-only transformer, as far as building and converting it is concerned."""
 
-    family: str  # key of the conversion table: "llama", "qwen2", "qwen3"
+    family: str  # key of the conversion table: "llama", "qwen2", "qwen3", "qwen3_moe"
     model_type: str  # HF model_type
     hf_architecture: str  # e.g. "Qwen2ForCausalLM"
     num_layers: int
@@ -44,6 +44,16 @@ class ModelArch:
     qkv_bias: bool
     qk_norm: bool
     tie_word_embeddings: bool
+    # Mixture of experts (0 experts: a dense MLP in every layer). Every layer is an MoE layer.
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0  # intermediate size of one expert
+    moe_router_topk: int = 0  # experts per token
+    # HF ``norm_topk_prob``: renormalise the top-k softmax probabilities to sum to 1.
+    moe_norm_topk_prob: bool = True
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +112,7 @@ def arch_from_hf_config(hf_config: Any, source: str = "config.json") -> ModelArc
     if family == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
         raise ValueError(f"{source}: Llama with attention_bias/mlp_bias is not supported")
     archs = cfg.get("architectures") or [f"{model_type.capitalize()}ForCausalLM"]
+    moe = _moe_fields(cfg, source) if family == "qwen3_moe" else {}
     return ModelArch(
         family=family,
         model_type=model_type,
@@ -118,6 +129,30 @@ def arch_from_hf_config(hf_config: Any, source: str = "config.json") -> ModelArc
         rope_scaling_factor=scaling_factor,
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        **moe,
+    )
+
+
+def _moe_fields(cfg: dict, source: str) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE config (``num_experts`` is ``num_local_experts`` in
+    transformers >= 5). Only all-MoE layer patterns are supported (Qwen3-30B-A3B, -235B-A22B)."""
+    num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if not num_experts:
+        raise ValueError(f"{source}: required field 'num_experts' (or 'num_local_experts') is missing")
+    if int(cfg.get("decoder_sparse_step", 1)) != 1 or cfg.get("mlp_only_layers"):
+        raise ValueError(
+            f"{source}: decoder_sparse_step={cfg.get('decoder_sparse_step')!r} / "
+            f"mlp_only_layers={cfg.get('mlp_only_layers')!r} is not supported (only every layer MoE: "
+            "decoder_sparse_step=1, mlp_only_layers=[])"
+        )
+    topk = int(_require(cfg, "num_experts_per_tok", source))
+    if not 1 <= topk <= int(num_experts):
+        raise ValueError(f"{source}: num_experts_per_tok={topk} must be in [1, num_experts={num_experts}]")
+    return dict(
+        num_experts=int(num_experts),
+        moe_ffn_hidden_size=int(_require(cfg, "moe_intermediate_size", source)),
+        moe_router_topk=topk,
+        moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
     )

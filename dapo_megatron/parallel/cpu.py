@@ -12,6 +12,10 @@ forking it, :func:`enable_cpu_megatron` redirects exactly those assumptions to t
 * ``clip_grad_by_total_norm_fp32`` asserts CUDA tensors: replaced by a CPU scaler.
 * The bf16/fp16 optimizer (fp32 master weights) sorts parameters by ``param.type()`` CUDA names:
   its constructor sees CPU tensors under their CUDA names.
+* The MoE all-to-all token dispatcher copies its split sizes to the host on a side CUDA stream:
+  ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` become one synchronous CPU stand-in, and
+  its "device to host" copy also turns CPU split sizes into the numpy arrays gloo's
+  ``all_to_all_single`` accepts (it converts only CUDA tensors).
 
 It is a no-op when CUDA is available, so GPU runs use Megatron-Core untouched. Idempotent.
 """
@@ -56,6 +60,35 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _HostStream:
+    """Stand-in for a CUDA stream on CPU: everything is already synchronous."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+_HOST_STREAM = _HostStream()
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """CPU twin of ``moe_utils.maybe_move_tensor_to_cpu`` (which skips tensors already on CPU)."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
 def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """CPU twin of ``megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32``."""
     if isinstance(parameters, torch.Tensor):
@@ -96,11 +129,18 @@ def enable_cpu_megatron() -> bool:
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     # Not torch.manual_seed: it calls torch.cuda.manual_seed_all, which must stay untouched.
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.Stream = lambda *a, **k: _HOST_STREAM
+    torch.cuda.current_stream = lambda *a, **k: _HOST_STREAM
+    torch.cuda.stream = lambda *a, **k: _HOST_STREAM
 
     from megatron.core.tensor_parallel import random as mp_random
 
     mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
 
     from megatron.core.optimizer import clip_grads, optimizer
 

@@ -16,16 +16,13 @@ def initialize_parallel(layout: ParallelLayout, *, seed: int = 1234) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    world = dist.get_world_size()
-    if world % (layout.tp * layout.pp * layout.cp):
-        raise ValueError(
-            f"world size {world} is not divisible by tensor_model_parallel_size * pipeline_model_parallel_size "
-            f"* context_parallel_size = {layout.tp} * {layout.pp} * {layout.cp}"
-        )
+    layout.check_world(dist.get_world_size())
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tp,
             pipeline_model_parallel_size=layout.pp,
             context_parallel_size=layout.cp,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.tp,
         )
     model_parallel_cuda_manual_seed(seed)

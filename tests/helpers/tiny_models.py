@@ -2,7 +2,7 @@
 
 Shapes are chosen to exercise the awkward cases: a vocabulary not divisible by 2 or 4, an odd
 number of layers, grouped-query attention, qkv bias (Qwen2), q/k norm (Qwen3), tied and untied
-embeddings.
+embeddings; Qwen3-MoE with 4 experts, top-2, with and without ``norm_topk_prob``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 TINY_ARCHS = ("llama", "qwen2", "qwen2-tied", "qwen3")
+TINY_MOE_ARCHS = ("qwen3_moe", "qwen3_moe-unnormed")
 
 
 def tiny_hf_config(arch: str, *, num_layers: int = 3, vocab_size: int = 1003, hidden_size: int = 64):
     """A transformers config for a tiny model of ``arch`` (one of :data:`TINY_ARCHS`)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -38,7 +39,17 @@ def tiny_hf_config(arch: str, *, num_layers: int = 3, vocab_size: int = 1003, hi
         return Qwen2Config(**common, tie_word_embeddings=(arch == "qwen2-tied"))
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=hidden_size // 4, tie_word_embeddings=False)
-    raise ValueError(f"unknown tiny arch {arch!r}; expected one of {TINY_ARCHS}")
+    if arch in TINY_MOE_ARCHS:
+        return Qwen3MoeConfig(
+            **common,
+            head_dim=hidden_size // 4,
+            tie_word_embeddings=False,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=hidden_size // 2 + 16,
+            norm_topk_prob=arch == "qwen3_moe",
+        )
+    raise ValueError(f"unknown tiny arch {arch!r}; expected one of {TINY_ARCHS + TINY_MOE_ARCHS}")
 
 
 def make_tiny_hf_model(arch: str, out_dir: str | Path | None = None, *, seed: int = 0, **config_kwargs):
