@@ -14,7 +14,7 @@ import torch
 
 from dapo_megatron.conversion.checkpoint import build_megatron_from_checkpoint
 from dapo_megatron.conversion.hf_to_megatron import build_megatron_from_hf
-from dapo_megatron.models import ModelArch, ParallelLayout
+from dapo_megatron.models import ModelArch, MoESettings, ParallelLayout
 
 __all__ = ["LoadedModel", "build_model_from_checkpoint", "build_model_from_hf"]
 
@@ -59,18 +59,21 @@ def build_model_from_hf(
     vocab_pad_multiple: int = 128,
     recompute: str = "none",
     load_weights: bool = True,
+    moe: MoESettings | None = None,
 ) -> LoadedModel:
     """This rank's shard of the HF model at ``hf_dir`` (see
     :func:`~dapo_megatron.conversion.hf_to_megatron.build_megatron_from_hf`)."""
     model, arch, config, vocab = build_megatron_from_hf(
         hf_dir, layout, dtype=dtype, vocab_pad_multiple=vocab_pad_multiple, recompute=recompute,
-        load_weights=load_weights,
+        load_weights=load_weights, moe=moe,
     )
     return LoadedModel(model=model, arch=arch, config=config, layout=layout, padded_vocab_size=vocab)
 
 
-def build_model_from_checkpoint(path: str | Path, layout: ParallelLayout, *, recompute: str = "none") -> LoadedModel:
+def build_model_from_checkpoint(
+    path: str | Path, layout: ParallelLayout, *, recompute: str = "none", moe: MoESettings | None = None
+) -> LoadedModel:
     """This rank's shard of the model checkpoint at ``path``, resharded to ``layout`` (see
     :func:`~dapo_megatron.conversion.checkpoint.build_megatron_from_checkpoint`)."""
-    model, arch, config, vocab = build_megatron_from_checkpoint(path, layout, recompute=recompute)
+    model, arch, config, vocab = build_megatron_from_checkpoint(path, layout, recompute=recompute, moe=moe)
     return LoadedModel(model=model, arch=arch, config=config, layout=layout, padded_vocab_size=vocab)

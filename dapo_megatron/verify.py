@@ -42,7 +42,7 @@ def gather_vocab_parallel_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def _verify_rank(rank, world_size, hf_dir, megatron_dir, tp, pp, sp, input_ids):
+def _verify_rank(rank, world_size, hf_dir, megatron_dir, tp, pp, sp, input_ids, ep=1):
     from megatron.core import parallel_state as ps
 
     from dapo_megatron.conversion.hf_io import HFCheckpointReader
@@ -51,7 +51,7 @@ def _verify_rank(rank, world_size, hf_dir, megatron_dir, tp, pp, sp, input_ids):
     from dapo_megatron.parallel.groups import initialize_parallel
     from dapo_megatron.policy.schedule import run_microbatches
 
-    layout = ParallelLayout(tp=tp, pp=pp, sp=sp)
+    layout = ParallelLayout(tp=tp, pp=pp, sp=sp, ep=ep)
     initialize_parallel(layout)
     if megatron_dir:
         loaded = build_model_from_checkpoint(megatron_dir, layout)
@@ -122,10 +122,16 @@ def verify(
     pp: int = 1,
     sp: bool = False,
     dp: int = 1,
+    ep: int = 1,
     tolerance: float = 1e-4,
     timeout: float | None = None,
 ) -> VerifyResult:
-    """Compare Megatron (from ``hf_dir`` or ``megatron_dir``) at TPxPPxDP(+SP) with transformers."""
+    """Compare Megatron (from ``hf_dir`` or ``megatron_dir``) at TPxPPxDP(+SP) with transformers.
+
+    ``ep``: experts split over that many ranks (MoE); the launch then has at least ``tp*pp*ep`` ranks
+    (each expert is split over TP as well, so TP2xEP2 runs on 4)."""
+    import math
+
     from transformers import AutoModelForCausalLM
 
     from dapo_megatron.models import arch_from_hf_config
@@ -133,8 +139,10 @@ def verify(
 
     arch = arch_from_hf_config(hf_dir)
     ids, mask = make_batch(arch.vocab_size)
+    world = math.lcm(tp * pp * dp, tp * pp * ep)
+    dp = world // (tp * pp)
     results = launch(
-        _verify_rank, tp * pp * dp, str(hf_dir), str(megatron_dir) if megatron_dir else None, tp, pp, sp, ids,
+        _verify_rank, world, str(hf_dir), str(megatron_dir) if megatron_dir else None, tp, pp, sp, ids, ep,
         timeout=timeout,
     )  # fmt: skip
     got: dict[int, torch.Tensor] = {}
@@ -143,7 +151,7 @@ def verify(
     ref_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = ref_model(input_ids=ids, attention_mask=mask).logits
-    layout = f"TP{tp}xPP{pp}xDP{dp}{'+SP' if sp else ''}"
+    layout = f"TP{tp}xPP{pp}xDP{dp}{f'xEP{ep}' if ep > 1 else ''}{'+SP' if sp else ''}"
     problems = []
     if sorted(got) != list(range(ids.shape[0])):
         problems.append(f"logits came back for sequences {sorted(got)}, expected all {ids.shape[0]}")

@@ -6,8 +6,8 @@ from tests._parity_ranks import logits_by_layout
 def logits_and_export(rank, world_size, hf_dirs, tp, pp, ep, input_ids, seqs_per_microbatch):
     """Per layout, in one launch: logits (see ``logits_by_layout``) and, from every rank, the HF
     tensors exported back out of the sharded model (``hf_state_dict``, small buckets)."""
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.loading import build_model_from_hf
+    from dapo_megatron.models import ParallelLayout
 
     logits = logits_by_layout(rank, world_size, hf_dirs, tp, pp, False, input_ids, seqs_per_microbatch, ep)
     exported = {}

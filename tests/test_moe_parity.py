@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dapo_megatron.conversion.verify import make_batch
+from dapo_megatron.verify import make_batch
 from tests._moe_ranks import logits_and_export
 from tests.helpers.distributed import run_on_ranks
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert a Hugging Face model directory to a Megatron-Core distributed checkpoint.
 
-    python tools/convert_hf_to_megatron.py --hf-dir DIR --output OUT [--tp N] [--pp M] [--dtype bf16]
+    python tools/convert_hf_to_megatron.py --hf-dir DIR --output OUT [--tp N] [--pp M] [--ep E] [--dtype bf16]
 
 Streams the checkpoint in one spawned process, chunk by chunk, without building the model (memory
 stays at about one parameter; a progress bar shows bytes/s). The checkpoint reshards on load, so
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="checkpoint directory to create (must not exist)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size used to write")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size used to write")
+    p.add_argument(
+        "--ep", type=int, default=1, help="expert-parallel size (MoE): checked, and used by --materialize"
+    )
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="stored parameter dtype")
     p.add_argument(
         "--vocab-pad-multiple", type=int, default=128, help="pad the vocabulary to a multiple of this x TP"
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         args.output,
         tp=args.tp,
         pp=args.pp,
+        ep=args.ep,
         dtype=args.dtype,
         vocab_pad_multiple=args.vocab_pad_multiple,
         hash_sources=not args.no_hash,
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     print(
-        f"wrote {args.output} (TP{args.tp}xPP{args.pp}, {args.dtype}) in {time.perf_counter() - t0:.1f} s: {stats}"
+        f"wrote {args.output} (TP{args.tp}xPP{args.pp}xEP{args.ep}, {args.dtype}) in {time.perf_counter() - t0:.1f} s: {stats}"
     )
     return 0
 

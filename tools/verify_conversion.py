@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check Megatron against transformers for one HF model at one layout.
 
-    python tools/verify_conversion.py --hf-dir DIR [--tp N] [--pp M] [--sp] [--dp K] [--tol 1e-4]
+    python tools/verify_conversion.py --hf-dir DIR [--tp N] [--pp M] [--ep E] [--sp] [--dp K] [--tol 1e-4]
     python tools/verify_conversion.py --hf-dir DIR --megatron-dir CKPT [--tp N] ...
 
 Launches ``tp * pp * dp`` ranks itself, runs the same right-padded batch through transformers and
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE; carved out of TP x DP)")
     p.add_argument("--sp", action="store_true", help="sequence parallel (needs --tp > 1)")
     p.add_argument("--tol", type=float, default=1e-4, help="max |logit diff| allowed (fp32)")
     args = p.parse_args(argv)
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         pp=args.pp,
         sp=args.sp,
         dp=args.dp,
+        ep=args.ep,
         tolerance=args.tol,
     )
     print(f"{res.layout}: max |logit diff| = {res.max_abs_logit_diff:.3e} (tolerance {res.tolerance:.1e})")

@@ -53,9 +53,18 @@ class ModelConfig(TypedSection):
     vocab_pad_multiple: int = doc_field(
         128, "Pad the vocabulary to a multiple of this (times the tensor-parallel size)."
     )
+    moe_aux_loss_coeff: float = doc_field(
+        0.0, "MoE only: weight of the router load-balancing loss; 0 = off (the usual RL setting)."
+    )
+    routing_replay: Literal["none", "rollout"] = doc_field(
+        "none",
+        "MoE only: rollout = replay the rollout engine's per-token expert choices in the old-log-prob "
+        "and update forwards; none = route afresh.",
+    )
 
     def validate(self) -> None:
         self._require(self.vocab_pad_multiple >= 1, "vocab_pad_multiple", ">= 1")
+        self._require(self.moe_aux_loss_coeff >= 0, "moe_aux_loss_coeff", ">= 0")
 
 
 @dataclass
@@ -66,6 +75,9 @@ class ParallelConfig(TypedSection):
 
     tensor_model_parallel_size: int = doc_field(1, "Tensor-parallel size (TP).")
     pipeline_model_parallel_size: int = doc_field(1, "Pipeline-parallel size (PP).")
+    expert_model_parallel_size: int = doc_field(
+        1, "MoE only: experts split over this many ranks (EP), taken from the TP x DP ranks."
+    )
     sequence_parallel: bool = doc_field(
         False, "Megatron sequence parallelism (needs tensor_model_parallel_size > 1)."
     )
@@ -95,6 +107,7 @@ class ParallelConfig(TypedSection):
     def validate(self) -> None:
         self._require(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", ">= 1")
         self._require(self.pipeline_model_parallel_size >= 1, "pipeline_model_parallel_size", ">= 1")
+        self._require(self.expert_model_parallel_size >= 1, "expert_model_parallel_size", ">= 1")
         self._require(self.micro_batch_size >= 1, "micro_batch_size", ">= 1")
         self._require(self.context_parallel_size >= 1, "context_parallel_size", ">= 1")
         self._require(
@@ -391,6 +404,13 @@ class DapoConfig:
             raise ValueError(
                 f"world size {world_size} must be divisible by parallel.tensor_model_parallel_size * "
                 f"parallel.pipeline_model_parallel_size * parallel.context_parallel_size = {mp}"
+            )
+        p = self.parallel
+        emp = p.tensor_model_parallel_size * p.expert_model_parallel_size * p.pipeline_model_parallel_size
+        if world_size % emp:
+            raise ValueError(
+                f"world size {world_size} must be divisible by parallel.tensor_model_parallel_size * "
+                f"parallel.expert_model_parallel_size * parallel.pipeline_model_parallel_size = {emp}"
             )
         dp = world_size // mp
         seqs = self.trainer.ppo_mini_batch_size * self.rollout.n

@@ -300,7 +300,7 @@ def load_model_checkpoint(model, path: str | Path, *, strict: bool = True) -> Ch
     return metadata
 
 
-def build_megatron_from_checkpoint(path: str | Path, layout, *, recompute: str = "none"):
+def build_megatron_from_checkpoint(path: str | Path, layout, *, recompute: str = "none", moe=None):
     """Build this rank's model at ``layout`` from a model checkpoint and load it.
 
     Returns ``(model, arch, transformer_config, padded_vocab_size)``; see
@@ -311,7 +311,9 @@ def build_megatron_from_checkpoint(path: str | Path, layout, *, recompute: str =
 
     ckpt, metadata = validate_checkpoint(path)
     arch = metadata.model_arch()
-    config = transformer_config_from_arch(arch, layout, dtype=metadata.dtype, recompute=recompute)
+    config = transformer_config_from_arch(
+        arch, layout, dtype=metadata.dtype, recompute=recompute, **({"moe": moe} if moe else {})
+    )
     model = build_gpt_model(arch, config, vocab_pad_multiple=vocab_pad_multiple_for(metadata, layout.tp))
     load_model_checkpoint(model, ckpt)
     return model, arch, config, metadata.padded_vocab_size

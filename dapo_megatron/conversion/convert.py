@@ -103,12 +103,13 @@ def _hf_to_megatron_rank(
     pp: int,
     dtype: str,
     vocab_pad_multiple: int,
+    ep: int = 1,
 ):
-    """On every rank: build at (tp, pp), load each HF dir, save it into its (existing, empty) dir."""
+    """On every rank: build at (tp, pp, ep), load each HF dir, save it into its (existing, empty) dir."""
     from dapo_megatron.conversion.hf_to_megatron import build_megatron_from_hf
     from dapo_megatron.parallel.groups import initialize_parallel
 
-    layout = ParallelLayout(tp=tp, pp=pp)
+    layout = ParallelLayout(tp=tp, pp=pp, ep=ep)
     initialize_parallel(layout)
     stats = []
     for hf_dir, out_dir in jobs:
@@ -150,6 +151,7 @@ def convert_hf_to_megatron_many(
     *,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
     dtype: str = "fp32",
     vocab_pad_multiple: int = 128,
     hash_sources: bool = True,
@@ -159,7 +161,9 @@ def convert_hf_to_megatron_many(
 ) -> list[dict]:
     """Convert several ``(hf_dir, output)`` pairs with one launched process (streaming; the
     checkpoint's chunks follow a ``tp``-way layout), or with ``materialize=True`` one launch of
-    ``tp * pp`` ranks that build the model and ``dist_checkpointing.save`` it. ``progress``: a
+    ``tp * pp * ep`` ranks that build the model and
+    ``dist_checkpointing.save`` it. The checkpoint is expert-layout free (Megatron stores every
+    expert under one global key), so it loads at any ``ep``. ``progress``: a
     bytes/s progress bar on stderr (streaming only)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -168,14 +172,14 @@ def convert_hf_to_megatron_many(
         hf_dir, output = Path(hf_dir), Path(output)
         _check_output(output)
         arch, _ = check_hf_checkpoint(hf_dir)
-        ParallelLayout(tp=tp, pp=pp).validate(arch)
+        ParallelLayout(tp=tp, pp=pp, ep=ep).validate(arch)
         padded = padded_vocab_size(arch.vocab_size, tp, vocab_pad_multiple)
         meta = metadata_from_hf(
             hf_dir,
             dtype=dtype,
             vocab_pad_multiple=vocab_pad_multiple,
             padded_vocab_size=padded,
-            written_layout={"tp": tp, "pp": pp},
+            written_layout={"tp": tp, "pp": pp, "ep": ep},
             hash_sources=hash_sources,
         )
         plans.append((hf_dir, output, _tmp_for(output), meta))
@@ -185,12 +189,13 @@ def convert_hf_to_megatron_many(
         if materialize:
             stats = launch(
                 _hf_to_megatron_rank,
-                tp * pp,
+                tp * pp * ep,
                 [(str(h), str(t)) for h, _, t, _ in plans],
                 tp,
                 pp,
                 dtype,
                 vocab_pad_multiple,
+                ep,
                 timeout=timeout,
             )[0]
         else:

@@ -77,8 +77,10 @@ def build_megatron_from_hf(
     vocab_pad_multiple: int = 128,
     recompute: str = "none",
     load_weights: bool = True,
+    moe=None,
 ):
     """Build this rank's ``GPTModel`` shard for ``hf_dir`` at ``layout`` and load the HF weights.
+    ``moe``: :class:`~dapo_megatron.models.MoESettings` (default: aux loss off, no replay).
 
     Returns ``(model, arch, transformer_config, padded_vocab_size)``; see
     :func:`dapo_megatron.loading.build_model_from_hf` for the policy-facing wrapper. Call after
@@ -88,7 +90,9 @@ def build_megatron_from_hf(
     from megatron.core import parallel_state
 
     arch = arch_from_hf_config(hf_dir)
-    config = transformer_config_from_arch(arch, layout, dtype=dtype, recompute=recompute)
+    config = transformer_config_from_arch(
+        arch, layout, dtype=dtype, recompute=recompute, **({"moe": moe} if moe else {})
+    )
     model = build_gpt_model(arch, config, vocab_pad_multiple=vocab_pad_multiple)
     vocab = padded_vocab_size(arch.vocab_size, layout.tp, vocab_pad_multiple)
     if load_weights:

@@ -1,6 +1,7 @@
 """Model architecture description and the (single) Megatron-Core model builder."""
 
 from dapo_megatron.models.builder import (
+    MoESettings,
     ParallelLayout,
     build_gpt_model,
     padded_vocab_size,
@@ -11,6 +12,7 @@ from dapo_megatron.models.hf_arch import SUPPORTED_MODEL_TYPES, ModelArch, arch_
 
 __all__ = [
     "ModelArch",
+    "MoESettings",
     "ParallelLayout",
     "SUPPORTED_MODEL_TYPES",
     "arch_from_hf_config",

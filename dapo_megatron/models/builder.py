@@ -99,6 +99,23 @@ class ParallelLayout:
             )
 
 
+@dataclass(frozen=True)
+class MoESettings:
+    """Training-side choices for a mixture-of-experts policy (ignored by dense models).
+
+    ``aux_loss_coeff``: weight of Megatron's load-balancing loss (0 = off, the RL default: it
+    would otherwise pull the router away from the rollout engine's). ``routing_replay``: build the
+    routers with Megatron's ``RouterReplay`` hook, so recorded expert choices can be replayed.
+    """
+
+    aux_loss_coeff: float = 0.0
+    routing_replay: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.aux_loss_coeff >= 0:
+            raise ValueError(f"moe_aux_loss_coeff must be >= 0, got {self.aux_loss_coeff}")
+
+
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     """Smallest size >= ``vocab_size`` divisible by ``multiple * tp`` (Megatron's convention)."""
     if multiple < 1:
@@ -125,8 +142,7 @@ def transformer_config_from_arch(
     *,
     dtype: str = "fp32",
     recompute: str = "none",
-    moe_aux_loss_coeff: float = 0.0,
-    moe_routing_replay: bool = False,
+    moe: MoESettings = MoESettings(),
     **overrides,
 ):
     """A Megatron ``TransformerConfig`` for ``arch`` at ``layout``.
@@ -139,7 +155,7 @@ def transformer_config_from_arch(
     Qwen3-MoE does: softmax over all experts, top-k, renormalised when ``norm_topk_prob``
     (Megatron: top-k of the logits, then softmax over the k = the same probabilities); without
     renormalisation, softmax first (``moe_router_pre_softmax``). No token dropping. The
-    load-balancing loss is off unless ``moe_aux_loss_coeff > 0``. ``moe_routing_replay`` creates
+    load-balancing loss is off unless ``moe.aux_loss_coeff > 0``. ``moe.routing_replay`` creates
     Megatron's ``RouterReplay`` per layer (see :mod:`dapo_megatron.policy.routing_replay`).
     """
     from megatron.core.transformer import TransformerConfig
@@ -202,8 +218,8 @@ def transformer_config_from_arch(
         **recompute_kwargs,
     )
     if arch.is_moe:
-        kwargs.update(_moe_kwargs(arch, layout, moe_aux_loss_coeff, moe_routing_replay))
-    elif moe_aux_loss_coeff or moe_routing_replay:
+        kwargs.update(_moe_kwargs(arch, layout, moe))
+    elif moe.aux_loss_coeff or moe.routing_replay:
         raise ValueError(
             f"moe_aux_loss_coeff / routing_replay need a mixture-of-experts model; {arch.model_type} has none"
         )
@@ -211,9 +227,7 @@ def transformer_config_from_arch(
     return TransformerConfig(**kwargs)
 
 
-def _moe_kwargs(arch: ModelArch, layout: ParallelLayout, aux_loss_coeff: float, routing_replay: bool) -> dict:
-    if aux_loss_coeff < 0:
-        raise ValueError(f"moe_aux_loss_coeff must be >= 0, got {aux_loss_coeff}")
+def _moe_kwargs(arch: ModelArch, layout: ParallelLayout, moe: MoESettings) -> dict:
     return dict(
         num_moe_experts=arch.num_experts,
         moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
@@ -221,15 +235,15 @@ def _moe_kwargs(arch: ModelArch, layout: ParallelLayout, aux_loss_coeff: float, 
         moe_router_score_function="softmax",
         moe_router_pre_softmax=not arch.moe_norm_topk_prob,
         moe_router_dtype="fp32",
-        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
-        moe_aux_loss_coeff=aux_loss_coeff,
+        moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.tp,
         # alltoall runs on gloo (all_to_all_single) as well as NCCL, and with variable lengths.
         moe_token_dispatcher_type="alltoall",
         moe_permute_fusion=False,
         moe_grouped_gemm=have_transformer_engine(),
-        moe_enable_routing_replay=routing_replay,
+        moe_enable_routing_replay=moe.routing_replay,
     )
 
 

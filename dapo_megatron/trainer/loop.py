@@ -41,7 +41,7 @@ class DapoTrainer:
 
         from dapo_megatron.conversion.checkpoint import metadata_from_hf, validate_checkpoint
         from dapo_megatron.loading import build_model_from_checkpoint, build_model_from_hf
-        from dapo_megatron.models import ParallelLayout
+        from dapo_megatron.models import MoESettings, ParallelLayout
         from dapo_megatron.parallel.groups import initialize_parallel
         from dapo_megatron.policy.loss import LossSettings
         from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
@@ -56,11 +56,15 @@ class DapoTrainer:
             pp=p.pipeline_model_parallel_size,
             sp=p.sequence_parallel,
             cp=p.context_parallel_size,
+            ep=p.expert_model_parallel_size,
+        )
+        moe = MoESettings(
+            aux_loss_coeff=cfg.model.moe_aux_loss_coeff, routing_replay=cfg.model.routing_replay == "rollout"
         )
         initialize_parallel(layout, seed=cfg.trainer.seed)
         if cfg.model.megatron_checkpoint:
             self.loaded = build_model_from_checkpoint(
-                cfg.model.megatron_checkpoint, layout, recompute=cfg.model.recompute
+                cfg.model.megatron_checkpoint, layout, recompute=cfg.model.recompute, moe=moe
             )
         else:
             self.loaded = build_model_from_hf(
@@ -69,6 +73,7 @@ class DapoTrainer:
                 dtype=cfg.model.dtype,
                 vocab_pad_multiple=cfg.model.vocab_pad_multiple,
                 recompute=cfg.model.recompute,
+                moe=moe,
             )
         _, use_dist_opt = wrap_ddp(self.loaded)
         self.optimizer, self.scheduler = build_optimizer(
@@ -103,9 +108,13 @@ class DapoTrainer:
                 padded_vocab_size=self.loaded.padded_vocab_size,
                 hash_sources=False,
             )
-        self.metadata.written_layout = {"tp": layout.tp, "pp": layout.pp}
-        # The export to the engine is collective over the TP x PP group of data-parallel rank 0.
-        self.exports_weights = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+        self.metadata.written_layout = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep}
+        # The export to the engine is collective over the TP x PP group of data-parallel rank 0
+        # (with experts split over EP ranks: over the TP x EP x PP ranks of one model replica).
+        if layout.ep > 1:
+            self.exports_weights = ps.get_expert_data_parallel_rank() == 0
+        else:
+            self.exports_weights = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
         self.save_dir = Path(cfg.checkpoint.save_dir or Path(cfg.trainer.run_dir) / "checkpoints")
         self.clip_high = ClipHighController(cfg.algorithm)  # same state on every rank
         self.step = 0
