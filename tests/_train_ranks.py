@@ -16,8 +16,9 @@ def dapo_update(
     opt,
     dtype="fp32",
     recompute="none",
+    ep=1,
 ):
-    """One DAPO update (possibly several mini-batches) of every model in ``hf_dirs`` at (tp, pp, sp).
+    """One DAPO update (possibly several mini-batches) of every model in ``hf_dirs`` at (tp, pp, sp, ep).
 
     Rank 0 returns {arch: (metrics, grads of the last mini-batch, updated weights)} in HF names.
     """
@@ -30,7 +31,7 @@ def dapo_update(
     from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
     from dapo_megatron.policy.train_step import PolicyTrainer
 
-    layout = ParallelLayout(tp=tp, pp=pp, sp=sp)
+    layout = ParallelLayout(tp=tp, pp=pp, sp=sp, ep=ep)
     initialize_parallel(layout)
     out = {}
     for arch_name, hf_dir in hf_dirs.items():
