@@ -52,6 +52,11 @@ def _forward_step(loss_fn, data_iterator, model):
     mb = next(data_iterator)
     if torch.cuda.is_available():
         mb = _on_device(mb, torch.device("cuda", torch.cuda.current_device()))
+    if "routed_experts" in mb or _replays_routing(model):
+        # MoE routing replay: this micro-batch's recorded expert ids, or none (route afresh).
+        from dapo_megatron.policy.routing_replay import set_replay_targets
+
+        set_replay_targets(model, mb.get("routed_experts"))
     input_ids = mb["input_ids"]
     position_ids = mb.get("position_ids")
     if position_ids is None:
@@ -65,6 +70,12 @@ def _forward_step(loss_fn, data_iterator, model):
         params = packed.packed_seq_params(input_ids.device, ps.get_context_parallel_group())
         output = model(input_ids, position_ids, attention_mask=None, packed_seq_params=params)
     return output, partial(_loss_adapter, loss_fn, mb)
+
+
+def _replays_routing(model) -> bool:
+    while hasattr(model, "module"):
+        model = model.module
+    return bool(getattr(getattr(model, "config", None), "moe_enable_routing_replay", False))
 
 
 def _loss_adapter(loss_fn, mb, output, non_loss_data: bool = False):

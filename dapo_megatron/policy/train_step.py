@@ -117,6 +117,11 @@ class PolicyTrainer:
         on every data-parallel rank)."""
         if not self.packing:
             return make_microbatches(batch, self._my_indices(indices), micro_batch_size)
+        if "routed_experts" in batch:
+            raise ValueError(
+                "model.routing_replay=rollout is not supported with sequence packing "
+                "(parallel.max_tokens_per_micro_batch / context_parallel_size) yet"
+            )
         multiple = self.loaded.layout.packed_sequence_multiple
         plans = plan_micro_batches(
             batch["seq_lengths"],
@@ -141,8 +146,9 @@ class PolicyTrainer:
         self.model.eval()
         n, s = batch["input_ids"].shape
         out = torch.zeros(n, s, dtype=torch.float32)
+        keys = ("input_ids", "seq_lengths", "routed_experts")  # routed_experts: MoE routing replay
         mbs = self._micro_batches(
-            {"input_ids": batch["input_ids"], "seq_lengths": batch["seq_lengths"]},
+            {k: batch[k] for k in keys if k in batch},
             range(n),
             self.log_prob_micro_batch_size,
         )

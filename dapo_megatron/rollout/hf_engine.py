@@ -7,6 +7,7 @@ row depend on its seed and the weights, not on which other rows share the batch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -59,6 +60,8 @@ class HFEngine:
         device: torch device of the model (``"cpu"`` or ``"cuda"``).
         max_model_len: cap on prompt + response tokens (default: ``max_position_embeddings``).
         max_batch_rows: most (prompt, sample) rows decoded together; more are run in chunks.
+        record_routing: mixture-of-experts models: record each token's chosen experts from the HF
+            router of every layer into ``Response.routed_experts`` (for routing replay).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class HFEngine:
         device: str | torch.device = "cpu",
         max_model_len: int | None = None,
         max_batch_rows: int = 64,
+        record_routing: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -85,6 +89,12 @@ class HFEngine:
         self._optional_names = ("lm_head.weight",) if self.facts.tied_embeddings else ()
         self._rng = torch.Generator().manual_seed(seed)
         self._pad_id = 0
+        self._routers = _moe_routers(self.model) if record_routing else []
+        if record_routing and not self._routers:
+            raise ValueError(f"record_routing=True but {self.model_dir} has no mixture-of-experts router")
+        self._routing_steps: list[list[torch.Tensor]] = []  # per forward: per layer [batch*width, k]
+        for router in self._routers:
+            router.register_forward_hook(self._record_routing)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -104,6 +114,26 @@ class HFEngine:
             for (i, j), response in zip(chunk, self._generate_rows(prompts, seeds, sampling)):
                 results[i][j] = response
         return results  # type: ignore[return-value]
+
+    def _record_routing(self, module, inputs, output) -> None:
+        # Qwen3-MoE's router returns (logits, top-k weights, top-k expert ids [tokens, k]).
+        if self._routing_steps:  # only inside generate()
+            self._routing_steps[-1].append(output[2].detach().cpu())
+
+    def _routing_of_rows(self, batch: int, width: int, prompts, tokens) -> list[torch.Tensor | None]:
+        """Stack the recorded forwards into ``[prompt + response, layers, k]`` per row."""
+        if not self._routers:
+            return [None] * batch
+        steps = [torch.stack(layers, dim=1) for layers in self._routing_steps]  # [b*s, L, k]
+        prefill = steps[0].view(batch, width, *steps[0].shape[1:])
+        decode = [st.view(batch, 1, *st.shape[1:]) for st in steps[1:]]
+        full = torch.cat([prefill, *decode], dim=1) if decode else prefill
+        out = []
+        for r, prompt in enumerate(prompts):
+            n = len(prompt) + len(tokens[r])
+            row = full[r, width - len(prompt) :][: n - 1]  # positions that went through the model
+            out.append(torch.cat([row, row[-1:]], dim=0))  # the last token's routing is never used
+        return out
 
     @torch.no_grad()
     def _generate_rows(
@@ -126,7 +156,9 @@ class HFEngine:
         finish: list[str | None] = [None] * batch
         past = None
         step_ids, step_pos = input_ids, position_ids
+        self._routing_steps = []
         for _ in range(sampling.max_new_tokens):
+            self._routing_steps.append([])
             out = self.model(
                 input_ids=step_ids,
                 attention_mask=attention_mask,
@@ -161,9 +193,11 @@ class HFEngine:
             step_ids = next_ids.to(self.device)[:, None]
             step_pos = step_pos[:, -1:] + 1
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
+        routing = self._routing_of_rows(batch, width, prompts, tokens)
+        self._routing_steps = []
         return [
-            Response(token_ids=t, logprobs=lp, finish_reason=f or "length")  # type: ignore[arg-type]
-            for t, lp, f in zip(tokens, logprobs, finish)
+            Response(token_ids=t, logprobs=lp, finish_reason=f or "length", routed_experts=re)  # type: ignore[arg-type]
+            for t, lp, f, re in zip(tokens, logprobs, finish, routing)
         ]
 
     # ------------------------------------------------------------------ weights
@@ -173,7 +207,7 @@ class HFEngine:
         items = collect_named_tensors(named_tensors, self._expected_shapes, self._optional_names)
         state = self.model.state_dict(keep_vars=True)
         for name, tensor in items:
-            state[name].data.copy_(tensor.to(device=self.device))
+            _target(state, name).copy_(tensor.to(device=self.device))
 
     def sleep(self) -> None:
         """No-op: the embedded engine keeps its weights where they are."""
@@ -184,3 +218,30 @@ class HFEngine:
     def close(self) -> None:
         """Drop the model."""
         self.model = None
+
+
+_EXPERT_WEIGHT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _target(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The tensor a checkpoint name is copied into. transformers >= 5 keeps a layer's experts fused
+    in memory (``experts.gate_up_proj`` [E, 2F, H] = gate rows then up rows, ``experts.down_proj``
+    [E, H, F]) while checkpoints (and our export) name each expert's weights: such names map to a
+    view of the fused tensor."""
+    if name in state:
+        return state[name].data
+    m = _EXPERT_WEIGHT.match(name)
+    if not m:
+        raise KeyError(f"update_weights: {name!r} has no parameter in the model")
+    base, expert, proj = m.group(1), int(m.group(2)), m.group(3)
+    if proj == "down_proj":
+        return state[f"{base}.down_proj"].data[expert]
+    fused = state[f"{base}.gate_up_proj"].data[expert]
+    half = fused.shape[0] // 2
+    return fused[:half] if proj == "gate_proj" else fused[half:]
+
+
+def _moe_routers(model) -> list[torch.nn.Module]:
+    """Each decoder layer's router (Qwen3-MoE ``mlp.gate``), in layer order."""
+    layers = model.model.layers
+    return [layer.mlp.gate for layer in layers if hasattr(getattr(layer, "mlp", None), "experts")]

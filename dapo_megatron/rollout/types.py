@@ -74,11 +74,16 @@ class Response:
             (``temperature == 0``) it is ``log_softmax(logits)``. Always computed in fp32.
         finish_reason: ``"stop"`` when the response ended with an EOS or stop token, ``"length"``
             when it was truncated at ``max_new_tokens``.
+        routed_experts: mixture-of-experts engines that record routing: the experts the engine's
+            router chose, int ``[prompt + response tokens, num_layers, top_k]`` (the last response
+            token never went through the model; its row repeats the one before). ``None``
+            otherwise.
     """
 
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: FinishReason
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
