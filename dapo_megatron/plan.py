@@ -14,6 +14,10 @@ hidden size, ``f`` = FFN size, ``L_s`` = layers per stage, ``V`` = padded vocabu
 * Parameters are counted exactly from the architecture (q/k/v/o with GQA and optional biases,
   q/k norms, gated MLP, the two norms per layer, embedding, final norm, untied output layer);
   stage 0 holds the embedding, the last stage the final norm and output layer.
+* Mixture of experts (Qwen3-MoE): each layer's MLP is a router (``E h``) and ``E`` gated expert
+  MLPs (``3 h f_e``); expert weights are split over ``tp x ep`` ranks, the rest over ``tp``. In the
+  activation formula ``f`` is ``top_k x f_e`` (each token's routed intermediate activations). The
+  distributed optimizer shards expert state over the expert-data-parallel size ``world / (tp ep pp)``.
 * Weights + gradients + optimizer, as Megatron-LM's ``theoretical_memory_usage.py`` counts them,
   with our DDP's fp32 gradient buffer (``grad_reduce_in_fp32``): bf16/fp16 params ``2 + 4 + 12``
   = 18 bytes per parameter (fp32 master + Adam m, v = 12), or ``2 + 4 + 12 / dp`` with the
@@ -68,6 +72,7 @@ class ParameterCount:
     num_layers: int
     final_norm: int
     output_layer: int  # 0 when tied to the embedding
+    experts_per_layer: int = 0  # the routed-expert part of per_layer (split over EP ranks)
 
     @property
     def total(self) -> int:
@@ -83,7 +88,8 @@ def count_parameters(arch, padded_vocab: int | None = None) -> ParameterCount:
         attn += q + 2 * kv
     if arch.qk_norm:
         attn += 2 * hd
-    mlp = 3 * h * arch.ffn_hidden_size
+    experts = getattr(arch, "num_experts", 0) * 3 * h * getattr(arch, "moe_ffn_hidden_size", 0)
+    mlp = h * arch.num_experts + experts if experts else 3 * h * arch.ffn_hidden_size
     vocab = padded_vocab or arch.vocab_size
     return ParameterCount(
         embedding=vocab * h,
@@ -91,6 +97,7 @@ def count_parameters(arch, padded_vocab: int | None = None) -> ParameterCount:
         num_layers=arch.num_layers,
         final_norm=h,
         output_layer=0 if arch.tie_word_embeddings else vocab * h,
+        experts_per_layer=experts,
     )
 
 
@@ -144,7 +151,11 @@ def memory_plan(cfg, arch, *, world_size: int, gpus_per_node: int, gpu_memory_gi
         stage_params = params.total
     else:
         stage_params = max(first, last + (params.embedding if arch.tie_word_embeddings else 0))
-    shard_params = stage_params / tp
+    ep = getattr(par, "expert_model_parallel_size", 1)
+    stage_experts = params.experts_per_layer * layers_per_stage
+    shard_experts = stage_experts / (tp * ep)
+    shard_params = (stage_params - stage_experts) / tp + shard_experts
+    expert_dp = world_size // (tp * ep * pp)  # expert weights' replicas (their ZeRO-1 shards)
 
     half = cfg.model.dtype in ("bf16", "fp16")
     dist_opt = getattr(cfg.optimizer, "use_distributed_optimizer", None)
@@ -154,13 +165,16 @@ def memory_plan(cfg, arch, *, world_size: int, gpus_per_node: int, gpu_memory_gi
     opt_per_param = opt_bytes / dp if dist_opt else opt_bytes
     weights = shard_params * w_bytes
     grads = shard_params * 4
-    optim = shard_params * opt_per_param
+    optim = (shard_params - shard_experts) * opt_per_param
+    optim += shard_experts * (opt_bytes / expert_dp if dist_opt else opt_bytes)
 
     s = cfg.data.max_prompt_length + cfg.rollout.max_response_length
     b = par.micro_batch_size
     cp = par.context_parallel_size
     budget = par.max_tokens_per_micro_batch
     h, f = arch.hidden_size, arch.ffn_hidden_size
+    if params.experts_per_layer:
+        f = arch.moe_router_topk * arch.moe_ffn_hidden_size
     seqs_per_rank = tr.ppo_mini_batch_size * cfg.rollout.n // dp
     lp_mbs = par.log_prob_micro_batch_size or b
     if budget is None:
@@ -187,7 +201,9 @@ def memory_plan(cfg, arch, *, world_size: int, gpus_per_node: int, gpu_memory_gi
         Line("weights", weights / GIB, f"{shard_params / 1e9:.3f}B params x {w_bytes} B"),
         Line("gradients (fp32 buffer)", grads / GIB, "x 4 B"),
         Line("optimizer" + (" (distributed)" if dist_opt else ""), optim / GIB,
-             f"x {opt_per_param:.2f} B ({opt_bytes}{f' / dp={dp}' if dist_opt else ''})"),
+             f"x {opt_per_param:.2f} B ({opt_bytes}{f' / dp={dp}' if dist_opt else ''})"
+             + (f"; experts x {opt_bytes / expert_dp if dist_opt else opt_bytes:.2f} B "
+                f"(expert dp={expert_dp})" if shard_experts else "")),
         Line("activations", acts / GIB, f"{act_how}, {tok_how}"),
         Line("logits + log-prob (train)", train_logits / GIB, f"3 x [{tokens:.0f} tokens, V/tp] with V={vocab}"),
         Line("logits + log-prob (old/ref pass)", lp_logits / GIB, f"2 x [{lp_tokens:.0f} tokens, V/tp]"),
@@ -236,7 +252,7 @@ def memory_plan(cfg, arch, *, world_size: int, gpus_per_node: int, gpu_memory_gi
     for line, value in ((phases[0], rollout_peak), (phases[1], train_peak)):
         if value > cap:
             problems.append(f"{line.name}: {value / GIB:.1f} GiB > {gpu_memory_gib} GiB per GPU")
-    summary = {"world": world_size, "tp": tp, "pp": pp, "cp": cp, "dp": dp, "engine_tp": rollout_tp,
+    summary = {"world": world_size, "tp": tp, "pp": pp, "cp": cp, "ep": ep, "dp": dp, "engine_tp": rollout_tp,
                "engines": world_size // rollout_tp if world_size % rollout_tp == 0 else "-",
                "params": f"{params.total / 1e9:.2f}B", "seq": s}
     return Plan(training, engine, phases, problems, summary)

@@ -9,7 +9,10 @@ from dapo_megatron.config import load_config
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("name, world", [("qwen2.5_7b_dapo.yaml", 8), ("qwen2.5_32b_dapo.yaml", 128)])
+@pytest.mark.parametrize(
+    "name, world",
+    [("qwen2.5_7b_dapo.yaml", 8), ("qwen2.5_32b_dapo.yaml", 128), ("qwen3_30b_a3b_dapo.yaml", 32)],
+)
 def test_example_configs(name, world):
     cfg = load_config(EXAMPLES / name, require_inputs=False)
     dp = cfg.validate_world(world)

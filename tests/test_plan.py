@@ -12,7 +12,7 @@ from dapo_megatron.plan import count_parameters, main, memory_plan
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen2-tied", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen2-tied", "qwen3", "qwen3_moe"])
 def test_parameter_count_equals_transformers(family):
     import transformers
 
@@ -25,15 +25,23 @@ def test_parameter_count_equals_transformers(family):
     assert count_parameters(arch_from_hf_config(hf_config)).total == expected
 
 
-@pytest.mark.parametrize("name, published", [("qwen2.5-7b", 7.62e9), ("qwen2.5-32b", 32.76e9)])
+@pytest.mark.parametrize(
+    "name, published", [("qwen2.5-7b", 7.62e9), ("qwen2.5-32b", 32.76e9), ("qwen3-30b-a3b", 30.5e9)]
+)
 def test_parameter_count_matches_published_sizes(name, published):
     arch = arch_from_hf_config(EXAMPLES / "hf_configs" / f"{name}.json")
     assert count_parameters(arch).total == pytest.approx(published, rel=0.005)
 
 
-@pytest.mark.parametrize("config, nodes", [("qwen2.5_7b_dapo.yaml", 1), ("qwen2.5_32b_dapo.yaml", 16)])
-def test_examples_fit_80gb(config, nodes, capsys):
-    model = "qwen2.5-7b" if "7b" in config else "qwen2.5-32b"
+@pytest.mark.parametrize(
+    "config, nodes, model",
+    [
+        ("qwen2.5_7b_dapo.yaml", 1, "qwen2.5-7b"),
+        ("qwen2.5_32b_dapo.yaml", 16, "qwen2.5-32b"),
+        ("qwen3_30b_a3b_dapo.yaml", 4, "qwen3-30b-a3b"),
+    ],
+)
+def test_examples_fit_80gb(config, nodes, model, capsys):
     rc = main(["--config", str(EXAMPLES / config), "--nodes", str(nodes), "--gpus-per-node", "8",
                "--gpu-memory-gib", "80", "--hf-config", str(EXAMPLES / "hf_configs" / f"{model}.json")])
     out = capsys.readouterr().out
