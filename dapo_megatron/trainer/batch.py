@@ -16,6 +16,8 @@ def samples_to_batch(
       ``overlong_filter`` (DAPO's overlong filtering).
     * ``advantages``: the group-relative advantage of the sample's shaped reward, on its tokens.
     * ``rollout_log_probs``: the engine's log-probs of the response tokens (TIS, mismatch metric).
+    * ``routed_experts``: only when every sample carries the engine's expert ids (MoE routing
+      replay): int ``[N, S, layers, top_k]``, zeros on padding.
     """
     n = len(samples)
     lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
@@ -35,10 +37,21 @@ def samples_to_batch(
     adv = group_advantages(
         [s["reward"] for s in samples], [s["uid"] for s in samples], norm_by_std=norm_adv_by_std
     )
-    return {
+    batch = {
         "input_ids": input_ids,
         "seq_lengths": torch.tensor(lengths, dtype=torch.long),
         "response_mask": response_mask,
         "advantages": adv.float()[:, None] * response_mask,
         "rollout_log_probs": rollout_log_probs,
     }
+    routed = [s.get("routed_experts") for s in samples]
+    if routed and all(r is not None for r in routed):
+        experts = torch.zeros(n, width, *routed[0].shape[1:], dtype=torch.long)
+        for i, r in enumerate(routed):
+            if r.shape[0] != lengths[i]:
+                raise ValueError(
+                    f"sample {i}: routed_experts covers {r.shape[0]} tokens, the sequence has {lengths[i]}"
+                )
+            experts[i, : lengths[i]] = r
+        batch["routed_experts"] = experts
+    return batch

@@ -183,6 +183,13 @@ class DapoTrainer:
             )
         batch = broadcast_object(batch)
         t_rollout = time.monotonic() - t0
+        if cfg.model.routing_replay == "none":
+            batch.pop("routed_experts", None)
+        elif "routed_experts" not in batch:
+            raise ValueError(
+                "model.routing_replay=rollout but the rollout engine reported no expert ids "
+                "(HF engine: rollout.engine_options.record_routing: true)"
+            )
 
         batch["old_log_probs"] = self.policy.compute_log_probs(batch)
         t_logprob = time.monotonic() - t0 - t_rollout

@@ -82,6 +82,7 @@ class RolloutCollector:
                     "prompt_ids": list(prompts[i].input_ids),
                     "response_ids": list(resp.token_ids),
                     "rollout_logprobs": list(resp.logprobs),
+                    "routed_experts": resp.routed_experts,
                     "truncated": resp.finish_reason == "length",
                     "score": float(res["score"]),
                     "acc": float(bool(res["acc"])),
