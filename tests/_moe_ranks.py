@@ -21,10 +21,11 @@ def logits_and_export(rank, world_size, hf_dirs, tp, pp, ep, input_ids, seqs_per
 
 def export_moe(rank, world_size, hf_dir, ep, export_path):
     """Load ``hf_dir`` at EP``ep`` and stream its HF tensors out (small buckets); rank 0 saves them."""
-    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
     from safetensors.torch import save_file
 
+    from dapo_megatron.loading import build_model_from_hf
     from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.groups import initialize_parallel
 
     layout = ParallelLayout(ep=ep)
     initialize_parallel(layout)
@@ -42,10 +43,11 @@ def replay_logprobs(rank, world_size, hf_dir, ep, batch, perturb_std):
     actually chose (from its routing map), per sequence: ``[s, L, k]``.
     """
     import torch
-    from dapo_megatron.policy.model import build_model_from_hf, initialize_parallel
     from megatron.core import parallel_state as ps
 
+    from dapo_megatron.loading import build_model_from_hf
     from dapo_megatron.models import MoESettings, ParallelLayout
+    from dapo_megatron.parallel.groups import initialize_parallel
     from dapo_megatron.policy.loss import LossSettings
     from dapo_megatron.policy.routing_replay import moe_routers
     from dapo_megatron.policy.train_step import PolicyTrainer
