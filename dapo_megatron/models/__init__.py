@@ -1,7 +1,6 @@
 """Model architecture description and the (single) Megatron-Core model builder."""
 
 from dapo_megatron.models.builder import (
-    ParallelLayout,
     build_gpt_model,
     padded_vocab_size,
     pipeline_layer_split,
@@ -11,7 +10,6 @@ from dapo_megatron.models.hf_arch import SUPPORTED_MODEL_TYPES, ModelArch, arch_
 
 __all__ = [
     "ModelArch",
-    "ParallelLayout",
     "SUPPORTED_MODEL_TYPES",
     "arch_from_hf_config",
     "build_gpt_model",

@@ -10,56 +10,12 @@ construction here means a future switch touches one function.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from dapo_megatron.models.hf_arch import ModelArch
 from dapo_megatron.utils.dtypes import DTYPES
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """How a model is split: tensor (TP), pipeline (PP), sequence parallel (SP), context (CP)."""
-
-    tp: int = 1
-    pp: int = 1
-    sp: bool = False
-    cp: int = 1
-
-    @property
-    def packed_sequence_multiple(self) -> int:
-        """What every packed (THD) sequence is padded to a multiple of: ``2 * cp`` for the zigzag CP
-        split (if ``cp > 1``) times ``tp`` under sequence parallelism (the packed row is split
-        over the TP ranks)."""
-        return (self.tp if self.sp else 1) * (2 * self.cp if self.cp > 1 else 1)
-
-    def validate(self, arch: ModelArch) -> None:
-        """Raise ``ValueError`` naming the field when ``arch`` cannot be split this way."""
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tensor/pipeline parallel sizes must be >= 1, got tp={self.tp} pp={self.pp}")
-        if arch.num_attention_heads % self.tp:
-            raise ValueError(
-                f"tensor_model_parallel_size={self.tp} must divide num_attention_heads="
-                f"{arch.num_attention_heads}"
-            )
-        if arch.num_query_groups % self.tp:
-            raise ValueError(
-                f"tensor_model_parallel_size={self.tp} must divide num_key_value_heads={arch.num_query_groups}"
-            )
-        if arch.ffn_hidden_size % self.tp:
-            raise ValueError(
-                f"tensor_model_parallel_size={self.tp} must divide intermediate_size={arch.ffn_hidden_size}"
-            )
-        if self.pp > arch.num_layers:
-            raise ValueError(
-                f"pipeline_model_parallel_size={self.pp} is larger than num_hidden_layers={arch.num_layers}"
-            )
-        if self.sp and self.tp == 1:
-            raise ValueError("sequence_parallel=True needs tensor_model_parallel_size > 1")
-        if self.cp < 1:
-            raise ValueError(f"context_parallel_size must be >= 1, got {self.cp}")
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -84,13 +40,15 @@ def have_transformer_engine() -> bool:
 
 def transformer_config_from_arch(
     arch: ModelArch,
-    layout: ParallelLayout,
+    layout,
     *,
     dtype: str = "fp32",
     recompute: str = "none",
     **overrides,
 ):
-    """A Megatron ``TransformerConfig`` for ``arch`` at ``layout``.
+    """A Megatron ``TransformerConfig`` for ``arch`` at ``layout`` (a
+    :class:`dapo_megatron.parallel.layout.ParallelLayout`: ``tp``, ``pp``, ``sp``, ``validate``; the
+    parallel layer defines it, above this one).
 
     ``calculate_per_token_loss`` is always on: the loss function returns ``(sum, num_tokens)`` and
     Megatron divides by the token count of the whole global batch (see ``megatron/loss.py``).

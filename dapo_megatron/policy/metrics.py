@@ -2,8 +2,8 @@
 
 Loss functions report *sums* (``*_sum``, ``tokens``, ``sequences``...) and maxima (``*_max``).
 Only ranks that computed a loss (last pipeline stage, TP rank 0) contribute; everyone else
-contributes zeros. One all-reduce over the whole world (sum) and one (max) make every rank
-hold the global values, from which means are derived. Process groups are explicit.
+contributes zeros. One all-reduce (sum) and one (max) over the group passed in (normally the whole world)
+make every rank hold the global values, from which means are derived.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch.distributed as dist
 
 
 def reduce_reports(
-    reports: Sequence[dict[str, torch.Tensor]], *, keys: Sequence[str], contributes: bool, group=None
+    reports: Sequence[dict[str, torch.Tensor]], *, keys: Sequence[str], contributes: bool, group
 ) -> dict[str, float]:
-    """Sum (or max, for keys ending in ``_max``) ``keys`` over ``reports`` and over ``group``."""
+    """Sum (or max, for keys ending in ``_max``) ``keys`` over ``reports`` and over ``group``
+    (passed explicitly; ``dist.group.WORLD`` for the whole job)."""
     sum_keys = [k for k in keys if not k.endswith("_max")]
     max_keys = [k for k in keys if k.endswith("_max")]
     sums = torch.zeros(len(sum_keys), dtype=torch.float64)
