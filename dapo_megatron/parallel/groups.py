@@ -130,10 +130,9 @@ def current_groups() -> ProcessGroups:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     world = dist.get_world_size()
     if world > 1:
-        mine = torch.tensor([dp_rank], dtype=torch.long)
-        every = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-        dist.all_gather(every, mine)
-        dp_of = [int(t) for t in every]
+        from dapo_megatron.parallel.exchange import all_gather_cpu
+
+        dp_of = [int(t) for t in all_gather_cpu(torch.tensor([dp_rank], dtype=torch.long))]
     else:
         dp_of = [0]
     replicas = tuple(tuple(r for r in range(world) if dp_of[r] == d) for d in range(dp_size))

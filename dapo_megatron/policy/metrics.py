@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.parallel.exchange import all_reduce_cpu
+
 
 def reduce_reports(
     reports: Sequence[dict[str, torch.Tensor]], *, keys: Sequence[str], contributes: bool, group
@@ -29,9 +31,9 @@ def reduce_reports(
             if max_keys:
                 maxes = torch.maximum(maxes, torch.stack([r[k].detach().double().cpu() for k in max_keys]))
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
+        sums = all_reduce_cpu(sums, group=group)  # through the GPU under NCCL
         if max_keys:
-            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+            maxes = all_reduce_cpu(maxes, op=dist.ReduceOp.MAX, group=group)
     out = {k: float(v) for k, v in zip(sum_keys, sums)}
     out.update({k: float(v) for k, v in zip(max_keys, maxes)})
     return out

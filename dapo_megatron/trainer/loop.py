@@ -118,43 +118,11 @@ class DapoTrainer:
         self._build_rollout()
 
     def _build_rollout(self) -> None:
-        """Every rank: tokenizer, data, sampler (same prompt indices everywhere). Engine leaders:
-        the rollout engine and the reward pool."""
-        from transformers import AutoTokenizer
+        from dapo_megatron.trainer.rollout import build_collector
 
-        from dapo_megatron.data.prompts import dataset_from_config
-        from dapo_megatron.data.sampler import EpochSampler
-        from dapo_megatron.rewards.pool import RewardPool
-        from dapo_megatron.rollout import create_engine
-        from dapo_megatron.trainer.rollout import RolloutCollector
-
-        cfg = self.cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_dir or cfg.model.hf_dir)
-        train = dataset_from_config(cfg.data, self.tokenizer, "train")
-        if cfg.data.val_files:
-            self.val_dataset = dataset_from_config(cfg.data, self.tokenizer, "val")
-        sampler = EpochSampler(
-            len(train), cfg.trainer.gen_batch_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed
-        )
-        if self.is_leader:
-            self.reward_pool = RewardPool.from_config(cfg.reward)
-            dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.dtype]
-            options = dict(cfg.rollout.engine_options)
-            if cfg.rollout.engine == "vllm" and self.placement.ranks_per_engine > 1:
-                options["tensor_parallel_size"] = self.placement.ranks_per_engine
-            self.engine = create_engine(
-                cfg.rollout.engine, cfg.model.hf_dir, dtype=dtype, seed=cfg.trainer.seed, **options
-            )
-        self.collector = RolloutCollector(
-            cfg,
-            placement=self.placement,
-            groups=self.groups,
-            tokenizer=self.tokenizer,
-            dataset=train,
-            data_sampler=sampler,
-            engine=self.engine,
-            reward_pool=self.reward_pool,
-        )
+        self.collector, self.val_dataset = build_collector(self.cfg, self.placement, self.groups)
+        self.tokenizer = self.collector.tokenizer
+        self.engine, self.reward_pool = self.collector.engine, self.collector.reward_pool
 
     # ----------------------------------------------------------------------------------- steps
 
@@ -166,14 +134,15 @@ class DapoTrainer:
         if self.exports_weights:
             tensors = self.loaded.hf_tensors()
             if self.engine is not None:
-                self.engine.wake_up()
-                self.engine.update_weights(tensors)
+                self.engine.update_weights(tensors)  # a sleeping engine wakes weights, loads, wakes KV
             else:
                 for _ in tensors:  # take part in the collectives, discard the tensors
                     pass
         seconds = torch.tensor([time.monotonic() - t0], dtype=torch.float64)
         if dist.get_world_size() > 1:
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+            from dapo_megatron.parallel.exchange import all_reduce_cpu
+
+            seconds = all_reduce_cpu(seconds, op=dist.ReduceOp.MAX)
         return float(seconds)
 
     def train_step(self) -> dict[str, float]:

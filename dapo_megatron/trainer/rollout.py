@@ -34,7 +34,7 @@ import torch.distributed as dist
 from dapo_megatron.algo import group_advantages, overlong_mask, overlong_penalty, select_informative_groups
 from dapo_megatron.algo.dynamic_sampling import exhausted_error
 from dapo_megatron.parallel.data import assign_data_parallel
-from dapo_megatron.parallel.exchange import exchange
+from dapo_megatron.parallel.exchange import all_gather_cpu, all_reduce_cpu, exchange
 from dapo_megatron.parallel.layout import EnginePlacement, shard_bounds
 from dapo_megatron.policy.batch import RolloutBatch
 from dapo_megatron.rollout import SamplingConfig
@@ -176,8 +176,7 @@ class RolloutCollector:
         mine = torch.tensor(local, dtype=torch.long)
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return mine[None]
-        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(every, mine)
+        every = all_gather_cpu(mine)
         return torch.stack([every[r] for r in self.placement.leaders])
 
     def collect(self) -> tuple[RolloutBatch, dict[str, float]]:
@@ -315,106 +314,17 @@ class RolloutCollector:
             for s, a, k in zip(samples, adv.tolist(), keep.tolist())
         ]
 
-    # ------------------------------------------------------------------------------ data plane
-
     def deliver(self, rows: list[Row], take: list[list[int]]) -> tuple[RolloutBatch, dict[str, float]]:
-        """Move each row to the data-parallel replica that trains it (see the module docstring)."""
-        n = self.cfg.rollout.n
-        num_engines = self.placement.num_engines
-        rows_of = [sum(t[e] for t in take) * n for e in range(num_engines)]
-        # Global order (round, engine, row): owner engine and local row of each global sequence.
-        owner, offset = [], [0] * num_engines
-        for t in take:
-            for e in range(num_engines):
-                owner += [(e, offset[e] + k) for k in range(t[e] * n)]
-                offset[e] += t[e] * n
-        # Small metadata: (prompt length, response length) of every row of every engine.
-        width = max(rows_of)
-        mine = torch.zeros(width, 2, dtype=torch.long)
-        for j, row in enumerate(rows):
-            mine[j, 0], mine[j, 1] = len(row.prompt_ids), len(row.response_ids)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-            dist.all_gather(every, mine)
-            lens = [every[r] for r in self.placement.leaders]
-        else:
-            lens = [mine]
-        seq_len = [int(lens[e][j].sum()) for e, j in owner]
-        dp = self.groups.dp_size
-        mini = self.cfg.trainer.ppo_mini_batch_size * n
-        assignment = assign_data_parallel(seq_len, mini_batch_size=mini, dp=dp)
-
-        def pack_shapes(e: int, idx: list[int]) -> tuple[int, int]:
-            toks = sum(int(lens[e][j].sum()) for j in idx)
-            vals = sum(2 + int(lens[e][j, 1]) for j in idx)
-            return toks, vals
-
-        sends: dict[int, list[torch.Tensor]] = {}
-        if self.is_leader and rows:
-            me = self.engine_index
-            for d in range(dp):
-                idx = [owner[g][1] for g in assignment[d] if owner[g][0] == me]
-                if not idx:
-                    continue
-                toks = torch.tensor(
-                    [t for j in idx for t in rows[j].prompt_ids + rows[j].response_ids], dtype=torch.long
-                )
-                vals = torch.tensor(
-                    [
-                        v
-                        for j in idx
-                        for v in [rows[j].advantage, float(rows[j].in_loss), *rows[j].rollout_log_probs]
-                    ],
-                    dtype=torch.float32,
-                )
-                for rank in self.groups.replica_ranks[d]:
-                    sends[rank] = [toks, vals]
-        mine_idx = assignment[self.groups.dp_rank]
-        recvs: dict[int, list[torch.Tensor]] = {}
-        for e in range(num_engines):
-            idx = [owner[g][1] for g in mine_idx if owner[g][0] == e]
-            if idx:
-                toks, vals = pack_shapes(e, idx)
-                recvs[self.placement.leaders[e]] = [
-                    torch.empty(toks, dtype=torch.long),
-                    torch.empty(vals, dtype=torch.float32),
-                ]
-        received = exchange(sends, recvs)
-
-        # Unpack into this rank's batch, in assignment order.
-        cursor = {e: [0, 0] for e in range(num_engines)}
-        num, width = len(mine_idx), max(seq_len[g] for g in mine_idx)
-        input_ids = torch.full((num, width), self.pad_id, dtype=torch.long)
-        response_mask = torch.zeros(num, width)
-        advantages = torch.zeros(num, width)
-        rollout_log_probs = torch.zeros(num, width)
-        lengths = torch.zeros(num, dtype=torch.long)
-        for i, g in enumerate(mine_idx):
-            e, j = owner[g]
-            p, r = int(lens[e][j, 0]), int(lens[e][j, 1])
-            toks, vals = recvs[self.placement.leaders[e]]
-            ti, vi = cursor[e]
-            input_ids[i, : p + r] = toks[ti : ti + p + r]
-            adv, in_loss = float(vals[vi]), float(vals[vi + 1])
-            response_mask[i, p : p + r] = in_loss
-            advantages[i, p : p + r] = adv * in_loss
-            rollout_log_probs[i, p : p + r] = vals[vi + 2 : vi + 2 + r]
-            lengths[i] = p + r
-            cursor[e] = [ti + p + r, vi + 2 + r]
-        batch = RolloutBatch(
-            input_ids=input_ids,
-            seq_lengths=lengths,
-            response_mask=response_mask,
-            advantages=advantages,
-            rollout_log_probs=rollout_log_probs,
+        """Move each row to the data-parallel replica that trains it (see :func:`deliver_rows`)."""
+        return deliver_rows(
+            rows if self.is_leader else [],
+            take,
+            n=self.cfg.rollout.n,
+            mini_batch_size=self.cfg.trainer.ppo_mini_batch_size * self.cfg.rollout.n,
+            placement=self.placement,
+            groups=self.groups,
+            pad_id=self.pad_id,
         )
-        most = torch.tensor([float(received)], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        return batch, {
-            "rollout/batch_bytes_per_rank": float(most),
-            "rollout/batch_tokens": float(sum(seq_len)),
-        }
 
     # ------------------------------------------------------------------------------ validation
 
@@ -452,6 +362,163 @@ class RolloutCollector:
         self.data_sampler.load_state_dict(state["data_sampler"])
         # (checkpoints from before prompt skipping existed hold no history: a disabled skipper)
         self.prompt_skipper.load_state_dict(state.get("prompt_skipper", {"enabled": False, "history": {}}))
+
+
+def deliver_rows(
+    rows: list[Row],
+    take: list[list[int]],
+    *,
+    n: int,
+    mini_batch_size: int,
+    placement: EnginePlacement,
+    groups,
+    pad_id: int = 0,
+) -> tuple[RolloutBatch, dict[str, float]]:
+    """The data plane: each kept row, as tensors, to the data-parallel replica that trains it.
+
+    Args:
+        rows: this rank's rows (its engine's kept groups in (round, prompt) order; empty off leaders).
+        take: ``take[r][e]`` = groups of engine ``e`` kept in round ``r`` (the same on every rank).
+        n: responses per group; mini_batch_size: sequences per optimizer update over all ranks.
+        placement, groups: engine placement and this rank's process groups.
+
+    Only the lengths of every row are all-gathered; every rank then computes the same split
+    (:func:`~dapo_megatron.parallel.data.assign_data_parallel`) and each leader sends each replica's
+    rows to every rank of that replica. Returns this rank's batch (rows in split order) and
+    ``rollout/batch_bytes_per_rank`` (the most bytes any rank received) and ``rollout/batch_tokens``.
+    """
+    num_engines = placement.num_engines
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    engine_index, is_leader = placement.engine_of(rank), placement.is_leader(rank)
+    rows_of = [sum(t[e] for t in take) * n for e in range(num_engines)]
+    # Global order (round, engine, row): owner engine and local row of each global sequence.
+    owner, offset = [], [0] * num_engines
+    for t in take:
+        for e in range(num_engines):
+            owner += [(e, offset[e] + k) for k in range(t[e] * n)]
+            offset[e] += t[e] * n
+    # Small metadata: (prompt length, response length) of every row of every engine.
+    width = max(rows_of)
+    mine = torch.zeros(width, 2, dtype=torch.long)
+    for j, row in enumerate(rows):
+        mine[j, 0], mine[j, 1] = len(row.prompt_ids), len(row.response_ids)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = all_gather_cpu(mine)
+        lens = [every[r] for r in placement.leaders]
+    else:
+        lens = [mine]
+    seq_len = [int(lens[e][j].sum()) for e, j in owner]
+    dp = groups.dp_size
+    assignment = assign_data_parallel(seq_len, mini_batch_size=mini_batch_size, dp=dp)
+
+    def pack_shapes(e: int, idx: list[int]) -> tuple[int, int]:
+        toks = sum(int(lens[e][j].sum()) for j in idx)
+        vals = sum(2 + int(lens[e][j, 1]) for j in idx)
+        return toks, vals
+
+    sends: dict[int, list[torch.Tensor]] = {}
+    if is_leader and rows:
+        me = engine_index
+        for d in range(dp):
+            idx = [owner[g][1] for g in assignment[d] if owner[g][0] == me]
+            if not idx:
+                continue
+            toks = torch.tensor(
+                [t for j in idx for t in rows[j].prompt_ids + rows[j].response_ids], dtype=torch.long
+            )
+            vals = torch.tensor(
+                [
+                    v
+                    for j in idx
+                    for v in [rows[j].advantage, float(rows[j].in_loss), *rows[j].rollout_log_probs]
+                ],
+                dtype=torch.float32,
+            )
+            for rank in groups.replica_ranks[d]:
+                sends[rank] = [toks, vals]
+    mine_idx = assignment[groups.dp_rank]
+    recvs: dict[int, list[torch.Tensor]] = {}
+    for e in range(num_engines):
+        idx = [owner[g][1] for g in mine_idx if owner[g][0] == e]
+        if idx:
+            toks, vals = pack_shapes(e, idx)
+            recvs[placement.leaders[e]] = [
+                torch.empty(toks, dtype=torch.long),
+                torch.empty(vals, dtype=torch.float32),
+            ]
+    received = exchange(sends, recvs)
+
+    # Unpack into this rank's batch, in assignment order.
+    cursor = {e: [0, 0] for e in range(num_engines)}
+    num, width = len(mine_idx), max(seq_len[g] for g in mine_idx)
+    input_ids = torch.full((num, width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros(num, width)
+    advantages = torch.zeros(num, width)
+    rollout_log_probs = torch.zeros(num, width)
+    lengths = torch.zeros(num, dtype=torch.long)
+    for i, g in enumerate(mine_idx):
+        e, j = owner[g]
+        p, r = int(lens[e][j, 0]), int(lens[e][j, 1])
+        toks, vals = recvs[placement.leaders[e]]
+        ti, vi = cursor[e]
+        input_ids[i, : p + r] = toks[ti : ti + p + r]
+        adv, in_loss = float(vals[vi]), float(vals[vi + 1])
+        response_mask[i, p : p + r] = in_loss
+        advantages[i, p : p + r] = adv * in_loss
+        rollout_log_probs[i, p : p + r] = vals[vi + 2 : vi + 2 + r]
+        lengths[i] = p + r
+        cursor[e] = [ti + p + r, vi + 2 + r]
+    batch = RolloutBatch(
+        input_ids=input_ids,
+        seq_lengths=lengths,
+        response_mask=response_mask,
+        advantages=advantages,
+        rollout_log_probs=rollout_log_probs,
+    )
+    most = torch.tensor([float(received)], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        most = all_reduce_cpu(most, op=dist.ReduceOp.MAX)
+    return batch, {
+        "rollout/batch_bytes_per_rank": float(most),
+        "rollout/batch_tokens": float(sum(seq_len)),
+    }
+
+
+def build_collector(cfg, placement: EnginePlacement, groups):
+    """Every rank: tokenizer, training data and sampler (the same prompt indices everywhere).
+    Engine leaders also get the rollout engine (on ``model.hf_dir``) and the reward pool.
+    Returns ``(collector, validation dataset or None)``."""
+    from transformers import AutoTokenizer
+
+    from dapo_megatron.data.prompts import dataset_from_config
+    from dapo_megatron.data.sampler import EpochSampler
+    from dapo_megatron.rewards.pool import RewardPool
+    from dapo_megatron.rollout import create_engine
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_dir or cfg.model.hf_dir)
+    train = dataset_from_config(cfg.data, tokenizer, "train")
+    val = dataset_from_config(cfg.data, tokenizer, "val") if cfg.data.val_files else None
+    sampler = EpochSampler(len(train), cfg.trainer.gen_batch_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+    engine = reward_pool = None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if placement.is_leader(rank):
+        reward_pool = RewardPool.from_config(cfg.reward)
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.dtype]
+        options = dict(cfg.rollout.engine_options)
+        if cfg.rollout.engine == "vllm" and placement.ranks_per_engine > 1:
+            options["tensor_parallel_size"] = placement.ranks_per_engine
+        engine = create_engine(cfg.rollout.engine, cfg.model.hf_dir, dtype=dtype, seed=cfg.trainer.seed, **options)
+    collector = RolloutCollector(
+        cfg,
+        placement=placement,
+        groups=groups,
+        tokenizer=tokenizer,
+        dataset=train,
+        data_sampler=sampler,
+        engine=engine,
+        reward_pool=reward_pool,
+    )
+    return collector, val
 
 
 def _running(counts: list[int], left: int) -> list[int]:
