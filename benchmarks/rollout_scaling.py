@@ -120,9 +120,9 @@ def data_plane_rank(rank, world_size, sequences, max_len, n, repeats):
 def weight_sync_rank(rank, world_size, hf_dir, tp, repeats):
     import torch.distributed as dist
 
+    from dapo_megatron.loading import build_model_from_hf
     from dapo_megatron.parallel.groups import initialize_parallel
     from dapo_megatron.parallel.layout import EnginePlacement, ParallelLayout
-    from dapo_megatron.policy.model import build_model_from_hf
     from dapo_megatron.rollout import create_engine
 
     layout = ParallelLayout(tp=tp)
