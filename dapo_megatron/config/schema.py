@@ -165,8 +165,8 @@ class RolloutConfig(TypedSection):
     tensor_parallel_size: int | None = doc_field(
         None,
         "GPUs (ranks) per rollout engine, the engine's own TP; one engine per block of this many "
-        "consecutive ranks, on the block's first rank. null = the training TP x PP (one engine per "
-        "data-parallel replica). The hf engine runs on one device of its block.",
+        "consecutive ranks, on the block's first rank. null = the training TP x PP x CP (one engine "
+        "per data-parallel replica). The hf engine runs on one device of its block.",
     )
     engine_options: dict[str, Any] = doc_field(
         doc="Free-form engine options passed to the engine (e.g. gpu_memory_utilization for vllm).",
@@ -372,7 +372,7 @@ class DapoConfig:
             )
         p = self.parallel
         if p.max_tokens_per_micro_batch is not None:
-            from dapo_megatron.models import ParallelLayout
+            from dapo_megatron.parallel.layout import ParallelLayout
 
             longest = self.data.max_prompt_length + r.max_response_length
             cp = p.context_parallel_size
@@ -394,9 +394,11 @@ class DapoConfig:
 
     @property
     def rollout_tensor_parallel_size(self) -> int:
-        """Ranks per rollout engine: ``rollout.tensor_parallel_size``, default the training TP x PP."""
+        """Ranks per rollout engine: ``rollout.tensor_parallel_size``, default the ranks of one
+        data-parallel replica (training TP x PP x CP)."""
         p = self.parallel
-        return self.rollout.tensor_parallel_size or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+        replica = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        return self.rollout.tensor_parallel_size or replica
 
     def validate_world(self, world_size: int) -> int:
         """Check the layout against ``world_size`` ranks; return the data-parallel size.
