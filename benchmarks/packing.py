@@ -57,9 +57,9 @@ def make_batch(n: int, max_response: int, vocab: int, seed: int = 0) -> dict[str
 def _build(hidden, layers, vocab, micro_batch, max_tokens):
     from dapo_megatron.config import OptimizerConfig
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
     from dapo_megatron.parallel.launch import init_single_process
+    from dapo_megatron.parallel.layout import ParallelLayout
     from dapo_megatron.policy.loss import LossSettings
     from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
     from dapo_megatron.policy.train_step import PolicyTrainer

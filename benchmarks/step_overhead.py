@@ -39,9 +39,8 @@ import torch
 
 def _init_world_of_one() -> None:
     """A world of one (gloo on CPU, with the CPU redirection) and Megatron's TP1 PP1 state."""
-    from dapo_megatron.models import ParallelLayout
-    from dapo_megatron.parallel.groups import initialize_parallel
-    from dapo_megatron.parallel.launch import init_single_process
+    from dapo_megatron.parallel.groups import init_single_process, initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     init_single_process()
     initialize_parallel(ParallelLayout(tp=1, pp=1))
@@ -127,7 +126,7 @@ def run_benchmark(
 ) -> dict:
     from dapo_megatron.config import OptimizerConfig
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.layout import ParallelLayout
     from dapo_megatron.policy.loss import LossSettings
     from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
     from dapo_megatron.policy.train_step import PolicyTrainer

@@ -62,9 +62,8 @@ def hf_state_dict_export(hf_model: torch.nn.Module) -> Callable[[], NamedTensors
 
 def _init_single_process_megatron() -> None:
     """A world of one (gloo on CPU, with the CPU redirection) and Megatron's TP1 PP1 state."""
-    from dapo_megatron.models import ParallelLayout
-    from dapo_megatron.parallel.groups import initialize_parallel
-    from dapo_megatron.parallel.launch import init_single_process
+    from dapo_megatron.parallel.groups import init_single_process, initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     init_single_process()
     initialize_parallel(ParallelLayout(tp=1, pp=1))
@@ -72,7 +71,7 @@ def _init_single_process_megatron() -> None:
 
 def _build_megatron(hf_dir: str, tp: int):
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     return build_model_from_hf(hf_dir, ParallelLayout(tp=tp, pp=1))
 
@@ -92,8 +91,8 @@ def tp_export_rank(rank: int, world_size: int, hf_dir: str, repeats: int) -> dic
     same bytes; rank 0 returns ``{"copy_s", "export_s", "bytes"}``."""
     import torch.distributed as dist
 
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     initialize_parallel(ParallelLayout(tp=world_size, pp=1))
     loaded = _build_megatron(hf_dir, tp=world_size)

@@ -14,7 +14,8 @@ import torch
 
 from dapo_megatron.conversion.checkpoint import build_megatron_from_checkpoint
 from dapo_megatron.conversion.hf_to_megatron import build_megatron_from_hf
-from dapo_megatron.models import ModelArch, MoESettings, ParallelLayout
+from dapo_megatron.models import ModelArch, MoESettings
+from dapo_megatron.parallel.layout import ParallelLayout
 
 __all__ = ["LoadedModel", "build_model_from_checkpoint", "build_model_from_hf"]
 

@@ -34,7 +34,7 @@ hidden size, ``f`` = FFN size, ``L_s`` = layers per stage, ``V`` = padded vocabu
 * Logits: the ``[s, b, V / tp]`` shard in the compute dtype, its gradient, and the vocab-parallel
   log-prob working set (measured 1.04-1.12x the shard, ``benchmarks/logprob_memory.py``): 3x the
   shard in training, 2x in the no-grad old/ref log-prob pass (at ``log_prob_micro_batch_size``).
-* Engine (vLLM, ``rollout.engine_options.tensor_parallel_size``, default TP x PP of training): its
+* Engine (vLLM, ``rollout.tensor_parallel_size``, default TP x PP of training): its
   weights ``2 P_total / t_r``; it reserves ``gpu_memory_utilization x M`` of the GPU; the KV cache is
   that minus its weights and ``--engine-overhead-gib`` (CUDA graphs, sampler), at
   ``2 L max(1, kv_heads / t_r) head_dim x 2`` bytes per token; it must hold at least one full
@@ -210,7 +210,7 @@ def memory_plan(cfg, arch, *, world_size: int, gpus_per_node: int, gpu_memory_gi
     ]
 
     opts = cfg.rollout.engine_options
-    rollout_tp = int(opts.get("tensor_parallel_size", tp * pp))
+    rollout_tp = cfg.rollout_tensor_parallel_size
     util = float(opts.get("gpu_memory_utilization", 0.9))
     sleep = bool(opts.get("enable_sleep_mode", False))
     problems = []
@@ -219,7 +219,7 @@ def memory_plan(cfg, arch, *, world_size: int, gpus_per_node: int, gpu_memory_gi
     if rollout_tp > gpus_per_node:
         problems.append(
             f"rollout engine TP {rollout_tp} spans more than one node of {gpus_per_node} GPUs "
-            f"(set rollout.engine_options.tensor_parallel_size <= {gpus_per_node})"
+            f"(set rollout.tensor_parallel_size <= {gpus_per_node})"
         )
     engine_weights = params.total * 2 / rollout_tp
     reservation = util * gpu_memory_gib * GIB
@@ -236,7 +236,7 @@ def memory_plan(cfg, arch, *, world_size: int, gpus_per_node: int, gpu_memory_gi
     if kv_tokens < s:
         problems.append(
             f"engine KV cache holds {kv_tokens:,.0f} tokens < one {s}-token sequence "
-            f"(raise rollout.engine_options.gpu_memory_utilization or tensor_parallel_size)"
+            f"(raise rollout.engine_options.gpu_memory_utilization or rollout.tensor_parallel_size)"
         )
 
     static = weights + grads + optim

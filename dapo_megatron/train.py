@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from dapo_megatron.trainer.loop import DapoTrainer, init_distributed
+    from dapo_megatron.parallel.groups import init_distributed
+    from dapo_megatron.trainer.loop import DapoTrainer
 
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(os.environ.get("DAPO_NUM_THREADS", "1"))))

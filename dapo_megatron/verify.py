@@ -47,8 +47,8 @@ def _verify_rank(rank, world_size, hf_dir, megatron_dir, tp, pp, sp, input_ids, 
 
     from dapo_megatron.conversion.hf_io import HFCheckpointReader
     from dapo_megatron.loading import build_model_from_checkpoint, build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
     from dapo_megatron.policy.schedule import run_microbatches
 
     layout = ParallelLayout(tp=tp, pp=pp, sp=sp, ep=ep)

@@ -32,8 +32,8 @@ def logits_from_checkpoints(rank, world_size, ckpts, tp, pp, input_ids, save_dir
     ``save_model_checkpoint`` (the trainer's API)."""
     from dapo_megatron.conversion.checkpoint import save_model_checkpoint
     from dapo_megatron.loading import build_model_from_checkpoint
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     layout = ParallelLayout(tp=tp, pp=pp)
     initialize_parallel(layout)

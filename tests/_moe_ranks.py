@@ -7,7 +7,7 @@ def logits_and_export(rank, world_size, hf_dirs, tp, pp, ep, input_ids, seqs_per
     """Per layout, in one launch: logits (see ``logits_by_layout``) and, from every rank, the HF
     tensors exported back out of the sharded model (``hf_state_dict``, small buckets)."""
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     logits = logits_by_layout(rank, world_size, hf_dirs, tp, pp, False, input_ids, seqs_per_microbatch, ep)
     exported = {}
@@ -24,8 +24,8 @@ def export_moe(rank, world_size, hf_dir, ep, export_path):
     from safetensors.torch import save_file
 
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     layout = ParallelLayout(ep=ep)
     initialize_parallel(layout)
@@ -46,8 +46,9 @@ def replay_logprobs(rank, world_size, hf_dir, ep, batch, perturb_std):
     from megatron.core import parallel_state as ps
 
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import MoESettings, ParallelLayout
+    from dapo_megatron.models import MoESettings
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
     from dapo_megatron.policy.loss import LossSettings
     from dapo_megatron.policy.routing_replay import moe_routers
     from dapo_megatron.policy.train_step import PolicyTrainer

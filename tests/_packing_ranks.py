@@ -16,8 +16,10 @@ def packed_updates(rank, world_size, hf_dir, runs, batch, opt):
 
     from dapo_megatron.config import OptimizerConfig
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.data import assign_data_parallel
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
+    from dapo_megatron.policy.batch import RolloutBatch
     from dapo_megatron.policy.loss import LossSettings
     from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
     from dapo_megatron.policy.train_step import PolicyTrainer
@@ -40,16 +42,20 @@ def packed_updates(rank, world_size, hf_dir, runs, batch, opt):
             log_prob_micro_batch_size=micro,
             max_tokens_per_micro_batch=max_tokens,
         )
-        logp = trainer.compute_log_probs(batch)
+        # This rank's share of the batch (the trainer's one data-parallel split), full width.
+        n = batch["input_ids"].shape[0]
+        idx = assign_data_parallel(batch["seq_lengths"].tolist(), mini_batch_size=n, dp=trainer.dp)[trainer.dp_rank]
+        local = RolloutBatch.from_tensors({k: t[idx] for k, t in dict(batch).items()})
+        logp = trainer.compute_log_probs(local)
         mine = {}
         if trainer.reports_metrics:
-            mine = {i: logp[i] for i in range(logp.shape[0]) if i % trainer.dp == trainer.dp_rank}
+            mine = {i: logp[j] for j, i in enumerate(idx)}
         gathered = [None] * world_size
         dist.all_gather_object(gathered, mine)
         old = {}
         for g in gathered:
             old.update(g)
-        metrics = trainer.update(dict(batch), mini_batch_size=batch["input_ids"].shape[0])
+        metrics = trainer.update(local, mini_batch_size=n // trainer.dp)
         grads = loaded.hf_state_dict(getter=lambda p: p.main_grad)
         weights = loaded.hf_state_dict(dtype=torch.float32)
         out[name] = (metrics, grads, weights, old)

@@ -13,8 +13,8 @@ def logits_by_layout(rank, world_size, hf_dirs, tp, pp, sp, input_ids, seqs_per_
     from megatron.core import parallel_state as ps
 
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
     from dapo_megatron.policy.schedule import run_microbatches
 
     layout = ParallelLayout(tp=tp, pp=pp, sp=sp, ep=ep)
@@ -54,8 +54,8 @@ def logits_by_layout(rank, world_size, hf_dirs, tp, pp, sp, input_ids, seqs_per_
 def load_error(rank, world_size, hf_dir):
     """Build and load ``hf_dir`` at TP1; return the error message (or None)."""
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     initialize_parallel(ParallelLayout())
     try:
@@ -69,8 +69,8 @@ def export_roundtrip(rank, world_size, hf_dirs, tp, pp):
     """Load each HF dir at (tp, pp) and export it back to HF tensors; rank 0 returns them."""
 
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     layout = ParallelLayout(tp=tp, pp=pp)
     initialize_parallel(layout)

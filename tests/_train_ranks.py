@@ -25,8 +25,10 @@ def dapo_update(
 
     from dapo_megatron.config import OptimizerConfig
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.data import assign_data_parallel
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
+    from dapo_megatron.policy.batch import RolloutBatch
     from dapo_megatron.policy.loss import LossSettings
     from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
     from dapo_megatron.policy.train_step import PolicyTrainer
@@ -43,7 +45,11 @@ def dapo_update(
         trainer = PolicyTrainer(
             loaded, optimizer, scheduler, LossSettings(), micro_batch_size=micro_batch_size
         )
-        metrics = trainer.update(dict(batch[arch_name]), mini_batch_size=mini_batch_size)
+        # This rank's share of the global batch (the trainer's one data-parallel split).
+        full = RolloutBatch.from_tensors(dict(batch[arch_name]))
+        dp, dp_rank = trainer.groups.dp_size, trainer.groups.dp_rank
+        mine = assign_data_parallel(full.seq_lengths.tolist(), mini_batch_size=mini_batch_size, dp=dp)[dp_rank]
+        metrics = trainer.update(full.select(mine), mini_batch_size=mini_batch_size // dp)
         grads = loaded.hf_state_dict(getter=lambda p: p.main_grad)
         weights = loaded.hf_state_dict(dtype=torch.float32)
         if dtype != "fp32":  # what the optimizer steps: fp32 master copies of the bf16 parameters
@@ -56,11 +62,10 @@ def dapo_update(
 
 def old_log_probs(rank, world_size, hf_dir, tp, pp, batch):
     """compute_log_probs at a layout; returns {sequence index: log-probs} from reporting ranks."""
-    from megatron.core import parallel_state as ps
-
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.data import assign_data_parallel
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
     from dapo_megatron.policy.loss import LossSettings
     from dapo_megatron.policy.train_step import PolicyTrainer
 
@@ -68,11 +73,10 @@ def old_log_probs(rank, world_size, hf_dir, tp, pp, batch):
     initialize_parallel(layout)
     loaded = build_model_from_hf(hf_dir, layout)
     trainer = PolicyTrainer(loaded, None, None, LossSettings(), micro_batch_size=2)
-    logp = trainer.compute_log_probs(batch)
+    n = batch["input_ids"].shape[0]
+    mine = assign_data_parallel(batch["seq_lengths"].tolist(), mini_batch_size=n, dp=trainer.dp)[trainer.dp_rank]
+    local = {k: batch[k][mine] for k in ("input_ids", "seq_lengths")}
+    logp = trainer.compute_log_probs(local)
     if not trainer.reports_metrics:
         return None
-    return {
-        i: logp[i]
-        for i in range(logp.shape[0])
-        if i % ps.get_data_parallel_world_size() == ps.get_data_parallel_rank()
-    }
+    return {i: logp[j] for j, i in enumerate(mine)}

@@ -27,8 +27,8 @@ def export_and_score(
     from safetensors.torch import save_file
 
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
     from dapo_megatron.policy.loss import LossSettings
     from dapo_megatron.policy.train_step import PolicyTrainer
 

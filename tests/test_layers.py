@@ -19,8 +19,8 @@ DOC = PACKAGE.parent / "docs" / "ARCHITECTURE.md"
 LAYERS: list[set[str]] = [
     {"utils"},
     {"algo", "models", "data", "rewards"},
-    {"parallel", "config"},
-    {"conversion", "rollout"},
+    {"parallel"},
+    {"config", "conversion", "rollout"},  # config reads parallel.layout (ParallelLayout)
     {"loading"},
     {"policy"},
     {"trainer"},

@@ -6,7 +6,8 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from dapo_megatron.models import ParallelLayout, arch_from_hf_config, padded_vocab_size, pipeline_layer_split
+from dapo_megatron.models import arch_from_hf_config, padded_vocab_size, pipeline_layer_split
+from dapo_megatron.parallel.layout import ParallelLayout
 from tests._parity_ranks import load_error
 from tests.helpers.distributed import run_on_ranks
 from tests.helpers.tiny_models import tiny_hf_config

@@ -64,7 +64,8 @@ def test_moe_logits_and_export(layout, tiny_moe_dirs, hf_reference):
 
 
 def test_moe_arch_fields_and_errors(tiny_moe_dirs):
-    from dapo_megatron.models import ParallelLayout, arch_from_hf_config
+    from dapo_megatron.models import arch_from_hf_config
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     arch = arch_from_hf_config(tiny_moe_dirs["qwen3_moe"])
     assert (arch.num_experts, arch.moe_router_topk, arch.moe_norm_topk_prob) == (4, 2, True)

@@ -5,8 +5,8 @@ import torch
 
 from dapo_megatron.algo.config import AlgorithmConfig
 from dapo_megatron.config import DapoConfig, ParallelConfig
-from dapo_megatron.models import ParallelLayout
 from dapo_megatron.models.context_parallel import zigzag_positions
+from dapo_megatron.parallel.layout import ParallelLayout
 from dapo_megatron.parallel.packing import (
     balanced_bins,
     pack_micro_batch,

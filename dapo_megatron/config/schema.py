@@ -175,6 +175,12 @@ class RolloutConfig(TypedSection):
     val_temperature: float = doc_field(1.0, "Validation sampling temperature (0 = greedy).")
     val_top_p: float = doc_field(0.7, "Validation nucleus sampling, in (0, 1].")
     val_top_k: int = doc_field(-1, "Validation top-k; -1 = off.")
+    tensor_parallel_size: int | None = doc_field(
+        None,
+        "GPUs (ranks) per rollout engine, the engine's own TP; one engine per block of this many "
+        "consecutive ranks, on the block's first rank. null = the training TP x PP x CP (one engine "
+        "per data-parallel replica). The hf engine runs on one device of its block.",
+    )
     engine_options: dict[str, Any] = doc_field(
         doc="Free-form engine options passed to the engine (e.g. gpu_memory_utilization for vllm).",
         factory=dict,
@@ -190,6 +196,14 @@ class RolloutConfig(TypedSection):
         self._require(self.val_temperature >= 0, "val_temperature", ">= 0")
         self._require(0 < self.val_top_p <= 1, "val_top_p", "in (0, 1]")
         self._require(self.val_top_k == -1 or self.val_top_k >= 1, "val_top_k", "-1 (off) or >= 1")
+        self._require(
+            self.tensor_parallel_size is None or self.tensor_parallel_size >= 1, "tensor_parallel_size", ">= 1 or null"
+        )
+        self._require(
+            "tensor_parallel_size" not in self.engine_options,
+            "engine_options.tensor_parallel_size",
+            "absent: set rollout.tensor_parallel_size instead",
+        )
 
 
 @dataclass
@@ -371,7 +385,7 @@ class DapoConfig:
             )
         p = self.parallel
         if p.max_tokens_per_micro_batch is not None:
-            from dapo_megatron.models import ParallelLayout
+            from dapo_megatron.parallel.layout import ParallelLayout
 
             longest = self.data.max_prompt_length + r.max_response_length
             cp = p.context_parallel_size
@@ -390,6 +404,14 @@ class DapoConfig:
                 raise ValueError("model.hf_dir is required (path to a Hugging Face model directory)")
             if not self.data.train_files:
                 raise ValueError("data.train_files is required (a list of .parquet/.jsonl files)")
+
+    @property
+    def rollout_tensor_parallel_size(self) -> int:
+        """Ranks per rollout engine: ``rollout.tensor_parallel_size``, default the ranks of one
+        data-parallel replica (training TP x PP x CP)."""
+        p = self.parallel
+        replica = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        return self.rollout.tensor_parallel_size or replica
 
     def validate_world(self, world_size: int) -> int:
         """Check the layout against ``world_size`` ranks; return the data-parallel size.
@@ -413,6 +435,11 @@ class DapoConfig:
                 f"parallel.expert_model_parallel_size * parallel.pipeline_model_parallel_size = {emp}"
             )
         dp = world_size // mp
+        rollout_tp = self.rollout_tensor_parallel_size
+        if world_size % rollout_tp:
+            raise ValueError(
+                f"world size {world_size} must be divisible by rollout.tensor_parallel_size = {rollout_tp}"
+            )
         seqs = self.trainer.ppo_mini_batch_size * self.rollout.n
         if seqs % dp:
             raise ValueError(

@@ -41,10 +41,12 @@ from dapo_megatron.conversion.hf_writer import StreamingSafetensorsWriter, Tenso
 from dapo_megatron.conversion.slice_reader import read_sharded
 from dapo_megatron.conversion.tables import NameResolver, mappings_for
 from dapo_megatron.conversion.transforms import ShardContext
-from dapo_megatron.models import ParallelLayout, arch_from_hf_config, padded_vocab_size
+from dapo_megatron.models import arch_from_hf_config, padded_vocab_size
 from dapo_megatron.models.builder import have_transformer_engine
 from dapo_megatron.models.hf_arch import ModelArch
-from dapo_megatron.parallel.launch import init_single_process, launch
+from dapo_megatron.parallel.groups import init_single_process
+from dapo_megatron.parallel.launch import launch
+from dapo_megatron.parallel.layout import ParallelLayout
 from dapo_megatron.utils.dtypes import DTYPES
 
 _HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

@@ -9,7 +9,6 @@ from dapo_megatron.conversion.names import expert_offset, stage_layer_offset, to
 from dapo_megatron.conversion.tables import NameResolver, mappings_for
 from dapo_megatron.conversion.transforms import ShardContext
 from dapo_megatron.models import (
-    ParallelLayout,
     arch_from_hf_config,
     build_gpt_model,
     padded_vocab_size,
@@ -17,6 +16,7 @@ from dapo_megatron.models import (
 )
 from dapo_megatron.models.builder import have_transformer_engine
 from dapo_megatron.models.hf_arch import ModelArch
+from dapo_megatron.parallel.layout import ParallelLayout
 
 
 def check_hf_names(reader: HFCheckpointReader, arch: ModelArch, resolver: NameResolver) -> None:

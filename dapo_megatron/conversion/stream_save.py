@@ -148,8 +148,9 @@ def plan_checkpoint(arch: ModelArch, *, tp: int, dtype: str, padded_vocab_size: 
     )
     from megatron.core.dist_checkpointing.utils import extract_nonpersistent, extract_sharded_base
 
-    from dapo_megatron.models import ParallelLayout, build_gpt_model, transformer_config_from_arch
+    from dapo_megatron.models import build_gpt_model, transformer_config_from_arch
     from dapo_megatron.models.builder import have_transformer_engine
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     config = transformer_config_from_arch(arch, ParallelLayout(), dtype=dtype, perform_initialization=False)
     with torch.device("meta"):

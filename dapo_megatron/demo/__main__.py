@@ -3,7 +3,7 @@
 1. builds the bundled one-digit addition task (DAPO-Math-17k schema) and a tiny Llama
    warm-started to ~30% sampled accuracy on it (seconds; cached under ``runs/demo``);
 2. launches ``torchrun --nproc-per-node 2 -m dapo_megatron.train --config examples/demo_cpu.yaml``
-   (TP=2 on two gloo ranks, HF rollout engine on rank 0);
+   (TP=2 on two gloo ranks: one replica, so one HF rollout engine, on rank 0);
 3. prints the validation accuracy (avg@8, temperature 1) before and after training.
 """
 

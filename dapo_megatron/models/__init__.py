@@ -2,7 +2,6 @@
 
 from dapo_megatron.models.builder import (
     MoESettings,
-    ParallelLayout,
     build_gpt_model,
     padded_vocab_size,
     pipeline_layer_split,
@@ -13,7 +12,6 @@ from dapo_megatron.models.hf_arch import SUPPORTED_MODEL_TYPES, ModelArch, arch_
 __all__ = [
     "ModelArch",
     "MoESettings",
-    "ParallelLayout",
     "SUPPORTED_MODEL_TYPES",
     "arch_from_hf_config",
     "build_gpt_model",

@@ -20,86 +20,6 @@ from dapo_megatron.utils.dtypes import DTYPES
 
 
 @dataclass(frozen=True)
-class ParallelLayout:
-    """How a model is split: tensor (TP), pipeline (PP), sequence parallel (SP), context (CP),
-    expert (EP).
-
-    Experts are split over ``ep`` ranks carved out of the data-parallel x tensor-parallel ranks
-    (Megatron's MoE parallel folding); each expert's MLP is itself split over the TP ranks
-    (expert TP = TP, Megatron's default).
-    """
-
-    tp: int = 1
-    pp: int = 1
-    sp: bool = False
-    cp: int = 1
-    ep: int = 1
-
-    @property
-    def packed_sequence_multiple(self) -> int:
-        """What every packed (THD) sequence is padded to a multiple of: ``2 * cp`` for the zigzag CP
-        split (if ``cp > 1``) times ``tp`` under sequence parallelism (the packed row is split
-        over the TP ranks)."""
-        return (self.tp if self.sp else 1) * (2 * self.cp if self.cp > 1 else 1)
-
-    def validate(self, arch: ModelArch) -> None:
-        """Raise ``ValueError`` naming the field when ``arch`` cannot be split this way."""
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tensor/pipeline parallel sizes must be >= 1, got tp={self.tp} pp={self.pp}")
-        if arch.num_attention_heads % self.tp:
-            raise ValueError(
-                f"tensor_model_parallel_size={self.tp} must divide num_attention_heads="
-                f"{arch.num_attention_heads}"
-            )
-        if arch.num_query_groups % self.tp:
-            raise ValueError(
-                f"tensor_model_parallel_size={self.tp} must divide num_key_value_heads={arch.num_query_groups}"
-            )
-        if arch.ffn_hidden_size % self.tp:
-            raise ValueError(
-                f"tensor_model_parallel_size={self.tp} must divide intermediate_size={arch.ffn_hidden_size}"
-            )
-        if self.pp > arch.num_layers:
-            raise ValueError(
-                f"pipeline_model_parallel_size={self.pp} is larger than num_hidden_layers={arch.num_layers}"
-            )
-        if self.sp and self.tp == 1:
-            raise ValueError("sequence_parallel=True needs tensor_model_parallel_size > 1")
-        if self.cp < 1:
-            raise ValueError(f"context_parallel_size must be >= 1, got {self.cp}")
-        if self.ep < 1:
-            raise ValueError(f"expert_model_parallel_size must be >= 1, got {self.ep}")
-        if self.ep > 1 and not arch.is_moe:
-            raise ValueError(
-                f"expert_model_parallel_size={self.ep} needs a mixture-of-experts model; "
-                f"{arch.model_type} has no experts"
-            )
-        if arch.is_moe:
-            if arch.num_experts % self.ep:
-                raise ValueError(
-                    f"expert_model_parallel_size={self.ep} must divide num_experts={arch.num_experts}"
-                )
-            if arch.moe_ffn_hidden_size % self.tp:
-                raise ValueError(
-                    f"tensor_model_parallel_size={self.tp} must divide moe_intermediate_size="
-                    f"{arch.moe_ffn_hidden_size}"
-                )
-
-    def check_world(self, world_size: int) -> None:
-        """Raise ``ValueError`` when ``world_size`` ranks cannot hold this layout."""
-        if world_size % (self.tp * self.pp * self.cp):
-            raise ValueError(
-                f"world size {world_size} is not divisible by tensor_model_parallel_size * pipeline_model_parallel_size "
-                f"* context_parallel_size = {self.tp} * {self.pp} * {self.cp}"
-            )
-        if world_size % (self.tp * self.ep * self.pp):
-            raise ValueError(
-                f"world size {world_size} is not divisible by tensor_model_parallel_size * "
-                f"expert_model_parallel_size * pipeline_model_parallel_size = {self.tp} * {self.ep} * {self.pp}"
-            )
-
-
-@dataclass(frozen=True)
 class MoESettings:
     """Training-side choices for a mixture-of-experts policy (ignored by dense models).
 
@@ -138,14 +58,16 @@ def have_transformer_engine() -> bool:
 
 def transformer_config_from_arch(
     arch: ModelArch,
-    layout: ParallelLayout,
+    layout,
     *,
     dtype: str = "fp32",
     recompute: str = "none",
-    moe: MoESettings = MoESettings(),
+    moe: MoESettings | None = None,
     **overrides,
 ):
-    """A Megatron ``TransformerConfig`` for ``arch`` at ``layout``.
+    """A Megatron ``TransformerConfig`` for ``arch`` at ``layout`` (a
+    :class:`dapo_megatron.parallel.layout.ParallelLayout`: ``tp``, ``pp``, ``sp``, ``validate``; the
+    parallel layer defines it, above this one).
 
     ``calculate_per_token_loss`` is always on: the loss function returns ``(sum, num_tokens)`` and
     Megatron divides by the token count of the whole global batch (see ``megatron/loss.py``).
@@ -217,6 +139,7 @@ def transformer_config_from_arch(
         attention_softmax_in_fp32=True,
         **recompute_kwargs,
     )
+    moe = moe or MoESettings()
     if arch.is_moe:
         kwargs.update(_moe_kwargs(arch, layout, moe))
     elif moe.aux_loss_coeff or moe.routing_replay:
@@ -227,7 +150,8 @@ def transformer_config_from_arch(
     return TransformerConfig(**kwargs)
 
 
-def _moe_kwargs(arch: ModelArch, layout: ParallelLayout, moe: MoESettings) -> dict:
+def _moe_kwargs(arch: ModelArch, layout, moe: MoESettings) -> dict:
+    """``layout``: a :class:`dapo_megatron.parallel.layout.ParallelLayout` (its ``tp``, ``ep``)."""
     return dict(
         num_moe_experts=arch.num_experts,
         moe_ffn_hidden_size=arch.moe_ffn_hidden_size,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -21,12 +20,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A TCP port that is free on the loopback interface right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dapo_megatron.parallel.groups import free_port, init_single_process  # noqa: F401 - re-exported
 
 
 class RankError(RuntimeError):
@@ -51,16 +45,13 @@ def _rank_main(rank, world_size, port, fn, args, results, threads):
         WORLD_SIZE=str(world_size),
     )
     try:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-            backend = "nccl"
-        else:
-            from dapo_megatron.parallel.cpu import enable_cpu_megatron
+        from datetime import timedelta
 
+        from dapo_megatron.parallel.groups import init_distributed
+
+        if not torch.cuda.is_available():
             torch.set_num_threads(threads)
-            enable_cpu_megatron()
-            backend = "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        init_distributed(timeout=timedelta(minutes=30))
         # Plain pickle (bytes), not torch's shared-memory tensor passing: this process exits
         # right after, before the parent would have mapped the shared storage.
         results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
@@ -137,20 +128,3 @@ def launch(
     if failure is not None:
         raise failure
     return [outputs[r] for r in range(world_size)]
-
-
-def init_single_process() -> None:
-    """A one-rank process group in *this* process (for single-process tools); idempotent."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if torch.cuda.is_available():
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    else:
-        from dapo_megatron.parallel.cpu import enable_cpu_megatron
-
-        enable_cpu_megatron()
-        dist.init_process_group("gloo", rank=0, world_size=1)

@@ -2,8 +2,8 @@
 
 Loss functions report *sums* (``*_sum``, ``tokens``, ``sequences``...) and maxima (``*_max``).
 Only ranks that computed a loss (last pipeline stage, TP rank 0) contribute; everyone else
-contributes zeros. One all-reduce over the whole world (sum) and one (max) make every rank
-hold the global values, from which means are derived. Process groups are explicit.
+contributes zeros. One all-reduce (sum) and one (max) over the group passed in (normally the whole world)
+make every rank hold the global values, from which means are derived.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.parallel.exchange import all_reduce_cpu
+
 
 def reduce_reports(
-    reports: Sequence[dict[str, torch.Tensor]], *, keys: Sequence[str], contributes: bool, group=None
+    reports: Sequence[dict[str, torch.Tensor]], *, keys: Sequence[str], contributes: bool, group
 ) -> dict[str, float]:
-    """Sum (or max, for keys ending in ``_max``) ``keys`` over ``reports`` and over ``group``."""
+    """Sum (or max, for keys ending in ``_max``) ``keys`` over ``reports`` and over ``group``
+    (passed explicitly; ``dist.group.WORLD`` for the whole job)."""
     sum_keys = [k for k in keys if not k.endswith("_max")]
     max_keys = [k for k in keys if k.endswith("_max")]
     sums = torch.zeros(len(sum_keys), dtype=torch.float64)
@@ -28,9 +31,9 @@ def reduce_reports(
             if max_keys:
                 maxes = torch.maximum(maxes, torch.stack([r[k].detach().double().cpu() for k in max_keys]))
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
+        sums = all_reduce_cpu(sums, group=group)  # through the GPU under NCCL
         if max_keys:
-            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+            maxes = all_reduce_cpu(maxes, op=dist.ReduceOp.MAX, group=group)
     out = {k: float(v) for k, v in zip(sum_keys, sums)}
     out.update({k: float(v) for k, v in zip(max_keys, maxes)})
     return out

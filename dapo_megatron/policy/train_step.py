@@ -4,17 +4,17 @@
 computes the loss itself (:mod:`dapo_megatron.policy.loss` does) and never decides what to
 train on (the trainer loop does).
 
-Batch format: a dict of tensors over the *global* batch of ``N`` sequences, identical on every
-rank: ``input_ids [N, S]`` (prompt + response, right-padded), ``seq_lengths [N]``,
-``response_mask [N, S]``, ``advantages [N, S]``, optionally ``rollout_log_probs``,
-``ref_log_probs``, ``token_weights`` ``[N, S]``. Sequence ``i`` belongs to data-parallel rank
-``i % dp`` (in :meth:`compute_log_probs` and in every mini-batch), so log-probs computed for a
-sequence stay on the rank that trains on it.
+Batch format: a :class:`~dapo_megatron.policy.batch.RolloutBatch` holding *this data-parallel
+rank's* sequences only (the split is :func:`dapo_megatron.parallel.data.assign_data_parallel`; the
+rollout data plane delivers each rank its share). Every rank of one replica (its TP x PP group)
+holds the same local batch. Mini-batches are consecutive runs of ``mini_batch_size`` local rows,
+each one optimizer update normalised by its *global* token count (Megatron's per-token loss).
 
 Packing (``max_tokens_per_micro_batch``, and always under context parallelism): a rank's
 sequences are binned into micro-batches under the token budget and packed in THD
-(:mod:`dapo_megatron.parallel.packing`); under CP each rank of a CP group computes its zigzag
-share of every sequence.
+(:mod:`dapo_megatron.parallel.packing`), with the same micro-batch count on every data-parallel
+rank (only the lengths are all-gathered over the DP group); under CP each rank of a CP group
+computes its zigzag share of every sequence.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from functools import partial
 import torch
 
 from dapo_megatron.parallel.packing import pack_micro_batch, plan_micro_batches
+from dapo_megatron.policy.batch import RolloutBatch
 from dapo_megatron.policy.loss import LossSettings, dapo_loss, packed_token_log_probs, token_log_probs
 from dapo_megatron.policy.metrics import reduce_reports, summarize_loss_metrics
 from dapo_megatron.policy.optim import optimizer_step
@@ -48,16 +49,17 @@ LOSS_REPORT_KEYS = (
 
 
 def make_microbatches(
-    batch: dict[str, torch.Tensor], indices: list[int], micro_batch_size: int
+    batch: RolloutBatch | dict[str, torch.Tensor], indices: list[int], micro_batch_size: int
 ) -> list[dict]:
-    """Slice ``indices`` of the global batch into micro-batches, each trimmed to its longest
-    sequence (less padding to compute on)."""
+    """Slice rows ``indices`` of ``batch`` into micro-batches (dicts of tensors plus ``index``),
+    each trimmed to its longest sequence (less padding to compute on)."""
+    tensors = batch.tensors() if isinstance(batch, RolloutBatch) else batch
     out = []
     for start in range(0, len(indices), micro_batch_size):
         idx = torch.tensor(indices[start : start + micro_batch_size], dtype=torch.long)
-        width = int(batch["seq_lengths"][idx].max())
+        width = int(tensors["seq_lengths"][idx].max())
         mb = {"index": idx}
-        for key, t in batch.items():
+        for key, t in tensors.items():
             if key == "seq_lengths":
                 mb[key] = t[idx]
             elif t.dim() >= 2:
@@ -79,8 +81,13 @@ class PolicyTrainer:
         micro_batch_size: int,
         log_prob_micro_batch_size: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
+        groups=None,
     ):
+        """``groups``: the :class:`~dapo_megatron.parallel.groups.ProcessGroups` of this rank
+        (default: read once from Megatron's initialised parallel state)."""
         from megatron.core import parallel_state as ps
+
+        from dapo_megatron.parallel.groups import current_groups
 
         self.loaded = loaded
         self.model = loaded.model
@@ -89,13 +96,12 @@ class PolicyTrainer:
         self.loss_settings = loss_settings
         self.micro_batch_size = micro_batch_size
         self.log_prob_micro_batch_size = log_prob_micro_batch_size or micro_batch_size
-        self.tp_group = (
-            ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-        )
-        self.dp = ps.get_data_parallel_world_size()
-        self.dp_rank = ps.get_data_parallel_rank()
+        self.groups = groups if groups is not None else current_groups()
+        self.tp_group = self.groups.tp
+        self.dp = self.groups.dp_size
+        self.dp_rank = self.groups.dp_rank
         # The rank whose loss reports count: last stage, TP rank 0 (TP ranks report the same values).
-        self.reports_metrics = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        self.reports_metrics = self.groups.reports_metrics
         self.sp_multiple = loaded.layout.tp if loaded.layout.sp else 1
         self.cp = loaded.layout.cp
         self.cp_rank = ps.get_context_parallel_rank() if self.cp > 1 else 0
@@ -109,40 +115,48 @@ class PolicyTrainer:
         # CP splits packed sequences only, so CP implies packing (with or without a token budget).
         self.packing = max_tokens_per_micro_batch is not None or self.cp > 1
 
-    def _my_indices(self, indices: range | list[int]) -> list[int]:
-        return [i for i in indices if i % self.dp == self.dp_rank]
-
-    def _micro_batches(self, batch: dict[str, torch.Tensor], indices: range, micro_batch_size: int) -> list[dict]:
-        """This rank's micro-batches of the sequences ``indices``: padded, or packed (same count
-        on every data-parallel rank)."""
+    def _micro_batches(self, batch, indices: range, micro_batch_size: int) -> list[dict]:
+        """This rank's micro-batches of its local rows ``indices``: padded, or packed (the same
+        count on every data-parallel rank: the rows' lengths are all-gathered over the DP group)."""
+        idx = list(indices)
         if not self.packing:
-            return make_microbatches(batch, self._my_indices(indices), micro_batch_size)
-        if "routed_experts" in batch:
+            return make_microbatches(batch, idx, micro_batch_size)
+        tensors = batch.tensors() if isinstance(batch, RolloutBatch) else batch
+        if tensors.get("routed_experts") is not None:
             raise ValueError(
                 "model.routing_replay=rollout is not supported with sequence packing "
                 "(parallel.max_tokens_per_micro_batch / context_parallel_size) yet"
             )
         multiple = self.loaded.layout.packed_sequence_multiple
+        local = tensors["seq_lengths"][idx].long()
+        if self.groups.dp is not None:
+            from dapo_megatron.parallel.exchange import all_gather_cpu
+
+            lengths = torch.cat(all_gather_cpu(local, group=self.groups.dp))
+        else:
+            lengths = local
+        m = len(idx)
         plans = plan_micro_batches(
-            batch["seq_lengths"],
-            [[i for i in indices if i % self.dp == r] for r in range(self.dp)],
+            lengths,
+            [list(range(r * m, (r + 1) * m)) for r in range(self.dp)],
             max_tokens=self.max_tokens_per_micro_batch,
             micro_batch_size=micro_batch_size,
             pad_multiple=multiple,
             cp=self.cp,
         )
+        offset = self.dp_rank * m
         return [
-            pack_micro_batch(batch, b, pad_multiple=multiple, cp_size=self.cp, cp_rank=self.cp_rank)
+            pack_micro_batch(
+                tensors, [idx[g - offset] for g in b], pad_multiple=multiple, cp_size=self.cp, cp_rank=self.cp_rank
+            )
             for b in plans[self.dp_rank]
         ]
 
     @torch.no_grad()
-    def compute_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Log-probs ``[N, S]`` of every token under the current weights (no grad).
-
-        Filled for this data-parallel rank's sequences on the last pipeline stage, zeros elsewhere:
-        exactly where :meth:`update` needs them.
-        """
+    def compute_log_probs(self, batch: RolloutBatch | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log-probs ``[N, S]`` of every token of this rank's ``N`` sequences under the current
+        weights (no grad). Filled on the last pipeline stage, zeros elsewhere: exactly where
+        :meth:`update` needs them."""
         self.model.eval()
         n, s = batch["input_ids"].shape
         out = torch.zeros(n, s, dtype=torch.float32)
@@ -192,19 +206,18 @@ class PolicyTrainer:
             out = shared.cpu()
         return out
 
-    def update(
-        self, batch: dict[str, torch.Tensor], *, mini_batch_size: int, epochs: int = 1
-    ) -> dict[str, float]:
-        """``epochs`` passes of mini-batch updates over ``batch``; one optimizer step per mini-batch,
-        each normalised by its own global token count. The LR schedule advances once per optimizer
-        step (:func:`~dapo_megatron.policy.optim.optimizer_step`); ``metrics["lr"]`` is the
-        learning rate of this call's first update."""
-        n = batch["input_ids"].shape[0]
-        if n % mini_batch_size:
-            raise ValueError(f"batch of {n} sequences is not divisible by mini_batch_size={mini_batch_size}")
-        if mini_batch_size % self.dp:
+    def update(self, batch: RolloutBatch, *, mini_batch_size: int, epochs: int = 1) -> dict[str, float]:
+        """``epochs`` passes of mini-batch updates over this rank's ``batch``; one optimizer step per
+        ``mini_batch_size`` local rows (the same count on every data-parallel rank), each normalised
+        by its own global token count. The LR schedule advances once per optimizer step
+        (:func:`~dapo_megatron.policy.optim.optimizer_step`); ``metrics["lr"]`` is the learning rate
+        of this call's first update."""
+        if isinstance(batch, dict):
+            batch = RolloutBatch.from_tensors(batch)
+        n = batch.num_sequences
+        if mini_batch_size < 1 or n % mini_batch_size:
             raise ValueError(
-                f"mini_batch_size={mini_batch_size} sequences must be divisible by the data-parallel size {self.dp}"
+                f"local batch of {n} sequences is not divisible by mini_batch_size={mini_batch_size}"
             )
         if "old_log_probs" not in batch:
             raise ValueError("batch needs old_log_probs (call compute_log_probs first)")
@@ -228,7 +241,9 @@ class PolicyTrainer:
                 lrs.append(self.optimizer.param_groups[0]["lr"])
                 skipped += int(not ok)
                 grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
-        totals = reduce_reports(reports, keys=LOSS_REPORT_KEYS, contributes=self.reports_metrics)
+        totals = reduce_reports(
+            reports, keys=LOSS_REPORT_KEYS, contributes=self.reports_metrics, group=self.groups.world
+        )
         metrics = summarize_loss_metrics(totals)
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["grad_norm_max"] = max(grad_norms)

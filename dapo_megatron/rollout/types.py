@@ -105,7 +105,8 @@ class RolloutEngine(Protocol):
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace every weight with the given full tensors (HF names); later generations use them."""
+        """Replace every weight with the given full tensors (HF names); later generations use them.
+        A sleeping engine wakes as part of the update (weights first, KV cache after loading)."""
         ...
 
     def sleep(self) -> None:

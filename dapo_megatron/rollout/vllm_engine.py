@@ -21,6 +21,8 @@ What the engine sets up, and why (measured facts in ``shared/VLLM_CPU.md``):
   block reuse the KV cache computed with the old weights.
 - ``sleep()`` / ``wake_up()`` call vLLM's sleep mode on GPU (``enable_sleep_mode=True``); on the CPU
   build they are no-ops (vLLM has no sleep mode on CPU; weights and KV cache stay in RAM).
+  :meth:`VLLMEngine.update_weights` on a sleeping GPU engine wakes the weights, loads, and only
+  then wakes the KV cache (the order verl uses); the trainer therefore does not wake it first.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         check_generate_inputs(prompt_token_ids, n, sampling, self.facts)
+        self.wake_up()  # after sleep() without a weight update in between
         # Without a tokenizer vLLM knows no EOS id, so EOS goes into the stop ids explicitly.
         stop_ids = sorted(set(self.facts.eos_token_ids) | set(sampling.stop_token_ids))
         # vLLM rejects n > 1 with greedy decoding; greedy samples are identical, so send n copies.
@@ -189,6 +192,10 @@ class VLLMEngine:
         changes no weight.
         """
         items = collect_named_tensors(named_tensors, self._expected_shapes, self._optional_names)
+        # GPU sleep mode: wake the weights only, load, then wake the KV cache, so the cache's
+        # memory is not held while full tensors arrive.
+        if self._sleep_mode and self._asleep:  # pragma: no cover - GPU only
+            self.llm.wake_up(tags=["weights"])
         if self.in_process:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
         else:
@@ -198,6 +205,9 @@ class VLLMEngine:
             self.llm.collective_rpc("load_weights_from_bytes", args=(data,))
         # KV blocks cached for earlier prompts were computed with the old weights.
         self.llm.reset_prefix_cache()
+        if self._sleep_mode and self._asleep:  # pragma: no cover - GPU only
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
 
     def sleep(self) -> None:
         """GPU with ``enable_sleep_mode``: free weights and KV cache; otherwise a no-op."""

@@ -2,19 +2,20 @@
 
 Per step::
 
-    rollouts (rank 0: generate -> reward -> overlong shaping -> dynamic sampling)
-      -> batch tensors (group advantages) -> broadcast to all ranks
+    rollouts (every engine: its share of the prompts -> reward -> overlong shaping;
+              dynamic sampling with globally all-reduced counts; group advantages)
+      -> data plane: each sequence, as tensors, to the data-parallel replica that trains it
       -> old log-probs (Megatron, no grad) -> mismatch vs engine log-probs
       -> mini-batch DAPO updates (Megatron, token-level loss over the global batch)
-      -> weight sync (Megatron -> engine, in memory) -> metrics -> checkpoint / validation
+      -> weight sync (each replica -> its own engine(s), in parallel) -> metrics -> checkpoint / validation
 
-The rollout engine lives on global rank 0 (the driver); every other rank only trains.
+One rollout engine per block of ``rollout.tensor_parallel_size`` consecutive ranks (default: one
+per data-parallel replica), on the block's first rank (:class:`~dapo_megatron.parallel.layout.EnginePlacement`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -23,8 +24,6 @@ import torch.distributed as dist
 
 from dapo_megatron.algo import logprob_mismatch_metrics
 from dapo_megatron.config import DapoConfig, save_config
-from dapo_megatron.parallel.comm import broadcast_object
-from dapo_megatron.trainer.batch import samples_to_batch
 from dapo_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dapo_megatron.trainer.clip_control import ClipHighController
 
@@ -37,12 +36,11 @@ class DapoTrainer:
     """Builds everything from a :class:`~dapo_megatron.config.DapoConfig` and runs the loop."""
 
     def __init__(self, cfg: DapoConfig):
-        from megatron.core import parallel_state as ps
-
         from dapo_megatron.conversion.checkpoint import metadata_from_hf, validate_checkpoint
         from dapo_megatron.loading import build_model_from_checkpoint, build_model_from_hf
-        from dapo_megatron.models import MoESettings, ParallelLayout
+        from dapo_megatron.models import MoESettings
         from dapo_megatron.parallel.groups import initialize_parallel
+        from dapo_megatron.parallel.layout import EnginePlacement, ParallelLayout
         from dapo_megatron.policy.loss import LossSettings
         from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
         from dapo_megatron.policy.train_step import PolicyTrainer
@@ -58,10 +56,18 @@ class DapoTrainer:
             cp=p.context_parallel_size,
             ep=p.expert_model_parallel_size,
         )
+        if cfg.model.routing_replay == "rollout":
+            # PolicyTrainer replays recorded expert ids (policy/routing_replay.py, tested there);
+            # the sharded rollout data plane does not carry them to the training ranks yet.
+            raise ValueError(
+                "model.routing_replay=rollout is not supported by the trainer loop yet (the rollout "
+                "data plane does not carry expert ids); use model.routing_replay=none"
+            )
         moe = MoESettings(
             aux_loss_coeff=cfg.model.moe_aux_loss_coeff, routing_replay=cfg.model.routing_replay == "rollout"
         )
-        initialize_parallel(layout, seed=cfg.trainer.seed)
+        self.groups = initialize_parallel(layout, seed=cfg.trainer.seed)
+        self.placement = EnginePlacement(dist.get_world_size(), cfg.rollout_tensor_parallel_size)
         if cfg.model.megatron_checkpoint:
             self.loaded = build_model_from_checkpoint(
                 cfg.model.megatron_checkpoint, layout, recompute=cfg.model.recompute, moe=moe
@@ -97,6 +103,7 @@ class DapoTrainer:
             micro_batch_size=p.micro_batch_size,
             log_prob_micro_batch_size=p.log_prob_micro_batch_size,
             max_tokens_per_micro_batch=p.max_tokens_per_micro_batch,
+            groups=self.groups,
         )
         if cfg.model.megatron_checkpoint:
             self.metadata = validate_checkpoint(cfg.model.megatron_checkpoint)[1]
@@ -109,93 +116,68 @@ class DapoTrainer:
                 hash_sources=False,
             )
         self.metadata.written_layout = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep}
-        # The export to the engine is collective over the TP x PP group of data-parallel rank 0
-        # (with experts split over EP ranks: over the TP x EP x PP ranks of one model replica).
+        self.is_leader = self.placement.is_leader(self.rank)
         if layout.ep > 1:
-            self.exports_weights = ps.get_expert_data_parallel_rank() == 0
+            # Experts are split over the EP ranks of several data-parallel replicas, and the export
+            # broadcasts each expert from its owner over the EP group: every rank takes part (each
+            # collective stays inside its own TP / PP / EP group), so every engine leader receives
+            # the full model.
+            self.exports_weights = True
         else:
-            self.exports_weights = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+            # Each replica exports (collectively over its own TP x PP group) to the engines led by
+            # its ranks; a replica without an engine leader skips the export.
+            self.exports_weights = any(
+                self.placement.is_leader(r) for r in self.groups.replica_ranks[self.groups.dp_rank]
+            )
         self.save_dir = Path(cfg.checkpoint.save_dir or Path(cfg.trainer.run_dir) / "checkpoints")
         self.clip_high = ClipHighController(cfg.algorithm)  # same state on every rank
         self.step = 0
-        self.collector = None
+        self.engine = None
+        self.reward_pool = None
         self.val_dataset = None
-        if self.rank == 0:
-            self._build_driver()
+        self._build_rollout()
 
-    def _build_driver(self) -> None:
-        """Rank 0 only: tokenizer, data, reward pool, rollout engine, metrics logger."""
-        from transformers import AutoTokenizer
+    def _build_rollout(self) -> None:
+        from dapo_megatron.trainer.rollout import build_collector
 
-        from dapo_megatron.data.prompts import dataset_from_config
-        from dapo_megatron.data.sampler import EpochSampler
-        from dapo_megatron.rewards.pool import RewardPool
-        from dapo_megatron.rollout import create_engine
-        from dapo_megatron.trainer.rollout import RolloutCollector
-
-        cfg = self.cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_dir or cfg.model.hf_dir)
-        train = dataset_from_config(cfg.data, self.tokenizer, "train")
-        if cfg.data.val_files:
-            self.val_dataset = dataset_from_config(cfg.data, self.tokenizer, "val")
-        sampler = EpochSampler(
-            len(train), cfg.trainer.gen_batch_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed
-        )
-        self.reward_pool = RewardPool.from_config(cfg.reward)
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.dtype]
-        self.engine = create_engine(
-            cfg.rollout.engine,
-            cfg.model.hf_dir,
-            dtype=dtype,
-            seed=cfg.trainer.seed,
-            **cfg.rollout.engine_options,
-        )
-        self.collector = RolloutCollector(self.engine, self.tokenizer, train, sampler, self.reward_pool, cfg)
+        self.collector, self.val_dataset = build_collector(self.cfg, self.placement, self.groups)
+        self.tokenizer = self.collector.tokenizer
+        self.engine, self.reward_pool = self.collector.engine, self.collector.reward_pool
 
     # ----------------------------------------------------------------------------------- steps
 
     def sync_weights(self) -> float:
-        """Wake the engine and push the policy's weights to it, in memory (collective over data-parallel
-        rank 0's TP x PP group; the engine lives on global rank 0)."""
+        """Wake the engines and push the policy's weights to them, in memory: every replica streams
+        its own full copy (collective over its TP x PP group) into the engines its ranks lead, all
+        replicas at the same time; no cross-replica traffic. Returns the slowest rank's seconds."""
         t0 = time.monotonic()
         if self.exports_weights:
             tensors = self.loaded.hf_tensors()
-            if self.rank == 0:
-                self.engine.wake_up()
-                self.engine.update_weights(tensors)
+            if self.engine is not None:
+                self.engine.update_weights(tensors)  # a sleeping engine wakes weights, loads, wakes KV
             else:
                 for _ in tensors:  # take part in the collectives, discard the tensors
                     pass
-        return time.monotonic() - t0
+        seconds = torch.tensor([time.monotonic() - t0], dtype=torch.float64)
+        if dist.get_world_size() > 1:
+            from dapo_megatron.parallel.exchange import all_reduce_cpu
+
+            seconds = all_reduce_cpu(seconds, op=dist.ReduceOp.MAX)
+        return float(seconds)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.monotonic()
-        rollout_metrics, batch = {}, None
-        if self.rank == 0:
-            samples, rollout_metrics = self.collector.collect()
+        batch, rollout_metrics = self.collector.collect()  # this replica's share of the batch
+        if self.engine is not None:
             self.engine.sleep()  # colocated GPUs: free the engine's memory for training (no-op on CPU)
-            batch = samples_to_batch(
-                samples,
-                pad_id=self.tokenizer.pad_token_id or 0,
-                norm_adv_by_std=cfg.algorithm.norm_adv_by_std,
-                overlong_filter=cfg.algorithm.overlong_filter,
-            )
-        batch = broadcast_object(batch)
         t_rollout = time.monotonic() - t0
-        if cfg.model.routing_replay == "none":
-            batch.pop("routed_experts", None)
-        elif "routed_experts" not in batch:
-            raise ValueError(
-                "model.routing_replay=rollout but the rollout engine reported no expert ids "
-                "(HF engine: rollout.engine_options.record_routing: true)"
-            )
 
         batch["old_log_probs"] = self.policy.compute_log_probs(batch)
         t_logprob = time.monotonic() - t0 - t_rollout
         mismatch = self._mismatch(batch)
 
-        n_seq = cfg.trainer.ppo_mini_batch_size * cfg.rollout.n
+        n_seq = cfg.trainer.ppo_mini_batch_size * cfg.rollout.n // self.dp  # per data-parallel rank
         clip_high = self.clip_high.value
         settings = self.policy.loss_settings
         self.policy.loss_settings = dataclasses.replace(
@@ -207,7 +189,7 @@ class DapoTrainer:
         t_update = time.monotonic() - t0 - t_rollout - t_logprob
         t_sync = self.sync_weights()
         step_time = time.monotonic() - t0
-        tokens = float(batch["seq_lengths"].sum())
+        tokens = rollout_metrics["rollout/batch_tokens"]
         metrics = {**rollout_metrics, **update_metrics, **mismatch}
         metrics.update(
             {
@@ -225,10 +207,8 @@ class DapoTrainer:
         """Trainer vs engine log-probs of the same tokens, reduced over all sequences."""
         from dapo_megatron.policy.metrics import reduce_reports
 
-        n = batch["input_ids"].shape[0]
-        mine = [i for i in range(n) if i % self.dp == self.policy.dp_rank]
-        mask = batch["response_mask"][mine].bool()
-        m = logprob_mismatch_metrics(batch["old_log_probs"][mine], batch["rollout_log_probs"][mine], mask)
+        mask = batch.response_mask.bool()
+        m = logprob_mismatch_metrics(batch.old_log_probs, batch.rollout_log_probs, mask)
         tokens = mask.sum().double()
         report = {
             "diff_sum": m["abs_diff_mean"].double() * tokens,
@@ -238,7 +218,7 @@ class DapoTrainer:
         }
         # old_log_probs are whole on every CP rank: one CP rank counts them
         contributes = self.policy.reports_metrics and self.policy.cp_rank == 0
-        tot = reduce_reports([report], keys=list(report), contributes=contributes)
+        tot = reduce_reports([report], keys=list(report), contributes=contributes, group=self.groups.world)
         t = max(tot["tokens"], 1.0)
         return {
             "rollout/logprob_diff_mean": tot["diff_sum"] / t,
@@ -247,30 +227,19 @@ class DapoTrainer:
         }
 
     def validate(self) -> dict[str, float]:
-        """avg@k accuracy on the validation prompts (rank 0 generates; others wait)."""
-        out = {}
-        if self.rank == 0 and self.val_dataset is not None:
-            r = self.cfg.rollout
-            prompts = self.val_dataset.batch(list(range(len(self.val_dataset))))
-            sampling = self.collector.sampling(validation=True, seed=self.cfg.trainer.seed)
-            samples, _ = self.collector.generate_and_score(prompts, r.val_n, sampling, uid_prefix="val")
-            out = {
-                f"val/acc_avg@{r.val_n}": sum(s["acc"] for s in samples) / len(samples),
-                "val/score_mean": sum(s["score"] for s in samples) / len(samples),
-                "val/response_length_mean": sum(len(s["response_ids"]) for s in samples) / len(samples),
-            }
-        return broadcast_object(out)
+        """avg@k accuracy on the validation prompts, sharded over the engines like training prompts."""
+        if self.val_dataset is None:
+            return {}
+        return self.collector.validate(self.val_dataset)
 
     # ------------------------------------------------------------------------------- checkpoint
 
     def save(self) -> Path:
-        state = None
-        if self.rank == 0:
-            state = {
-                "step": self.step,
-                "collector": self.collector.state_dict(),
-                "clip_high": self.clip_high.state_dict(),
-            }
+        state = {  # the same on every rank
+            "step": self.step,
+            "collector": self.collector.state_dict(),
+            "clip_high": self.clip_high.state_dict(),
+        }
         return save_checkpoint(
             self.save_dir,
             self.step,
@@ -295,8 +264,8 @@ class DapoTrainer:
         )
         self.step = state["step"]
         self.clip_high.load_state_dict(state.get("clip_high", {"enabled": False, "clip_ratio_high": 0.0}))
+        self.collector.load_state_dict(state["collector"])
         if self.rank == 0:
-            self.collector.load_state_dict(state["collector"])
             print(f"[dapo] resumed from {path} at step {self.step}", flush=True)
 
     def export_hf(self, checkpoint: Path) -> Path:
@@ -364,7 +333,7 @@ class DapoTrainer:
         if cfg.checkpoint.export_hf_at_end:
             self.export_hf(final)
         logger.close()
-        if self.rank == 0:
+        if self.engine is not None:
             self.reward_pool.close()
             self.engine.close()
         return last
@@ -386,25 +355,3 @@ class DapoTrainer:
         val = {k: v for k, v in m.items() if k.startswith("val/")}
         parts = [f"{k}={m[k]:.4g}" for k in keys if k in m] + [f"{k}={v:.4g}" for k, v in val.items()]
         print(f"[dapo] step {step}: " + " ".join(parts), flush=True)
-
-
-def init_distributed(backend: str = "auto") -> None:
-    """``torch.distributed`` from torchrun's environment (a world of one without torchrun)."""
-    from datetime import timedelta
-
-    from dapo_megatron.parallel.cpu import enable_cpu_megatron
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29512")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    else:
-        enable_cpu_megatron()
-    if not dist.is_initialized():
-        # Generous timeout: non-driver ranks wait in a broadcast while rank 0 generates rollouts.
-        dist.init_process_group(backend, timeout=timedelta(hours=3))

@@ -1,48 +1,114 @@
-"""Rollout collection on the driver rank: generate, score, shape, filter (dynamic sampling).
+"""Rollout collection across engines: generate, score, shape, filter, advantages, deliver.
 
-Runs where the rollout engine lives (global rank 0). Produces *samples*: one dict per response
-with its tokens, the engine's log-probs, the task score and the shaped reward. Pure orchestration:
-the math lives in :mod:`dapo_megatron.algo`.
+Every rank runs :meth:`RolloutCollector.collect`; the engines live on the leader ranks of
+:class:`~dapo_megatron.parallel.layout.EnginePlacement`. Per generation round:
+
+1. Every rank draws the same seeded prompt indices; engine ``e`` takes the contiguous share ``e``
+   (:func:`~dapo_megatron.parallel.layout.shard_bounds`) with all ``n`` responses of each of its
+   prompts, so group filtering is local. Sample ``j`` of global prompt ``i`` uses the seed
+   ``base + i * n + j`` whatever the number of engines: the responses are those one engine would
+   sample for the whole batch.
+2. The leader scores its responses (its own reward pool) and adds the overlong penalty.
+3. Kept-group counts (dynamic sampling) are all-gathered; rounds stop when the global count
+   reaches ``train_batch_size``. The kept groups are the first ``train_batch_size`` in the order
+   (round, engine, prompt): the order of a single engine, so the batch does not depend on the
+   number of engines and is reproducible from the seeds (also after resume).
+4. Group advantages and overlong filtering (local: a group never spans engines).
+5. The data plane: only lengths are gathered globally; every rank computes the same
+   data-parallel split (:func:`~dapo_megatron.parallel.data.assign_data_parallel`) and each
+   leader sends each replica's rows, as tensors, to that replica's ranks
+   (:func:`~dapo_megatron.parallel.exchange.exchange`). A rank receives ~``batch / dp`` rows.
+
+Shaping, filtering and advantages happen here and only here; the math is :mod:`dapo_megatron.algo`.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from dapo_megatron.algo import DynamicSampler, overlong_penalty
+from dapo_megatron.algo import group_advantages, overlong_mask, overlong_penalty, select_informative_groups
+from dapo_megatron.algo.dynamic_sampling import exhausted_error
+from dapo_megatron.parallel.data import assign_data_parallel
+from dapo_megatron.parallel.exchange import all_gather_cpu, all_reduce_cpu, exchange
+from dapo_megatron.parallel.layout import EnginePlacement, shard_bounds
+from dapo_megatron.policy.batch import RolloutBatch
 from dapo_megatron.rollout import SamplingConfig
 from dapo_megatron.trainer.prompt_skip import PromptSkipper
+from dapo_megatron.utils.report import Report
 
 # Seeds of successive generation rounds are spaced so per-sample seeds (base + i*n + j) never collide.
 _SEED_STRIDE = 1_000_003
 
 
-class RolloutCollector:
-    """Generates rollout groups until the dynamic sampler holds a full training batch."""
+@dataclass
+class Row:
+    """One kept response on its engine's leader, ready for the data plane."""
 
-    def __init__(self, engine, tokenizer, dataset, data_sampler, reward_pool, cfg):
-        self.engine = engine
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_log_probs: list[float]
+    advantage: float
+    in_loss: bool  # False: dropped from the loss by overlong filtering
+
+
+class EngineError(RuntimeError):
+    """A rollout engine failed (e.g. its process died); the message names the engine and rank."""
+
+
+class RolloutCollector:
+    """Sharded rollout collection; see the module docstring.
+
+    Args:
+        cfg: the :class:`~dapo_megatron.config.DapoConfig`.
+        placement: where the engines live.
+        groups: this rank's :class:`~dapo_megatron.parallel.groups.ProcessGroups`.
+        tokenizer, dataset, data_sampler: on every rank (all draw the same prompt indices).
+        engine, reward_pool: on engine leaders only (``None`` elsewhere).
+    """
+
+    def __init__(
+        self,
+        cfg,
+        *,
+        placement: EnginePlacement,
+        groups,
+        tokenizer,
+        dataset,
+        data_sampler,
+        engine=None,
+        reward_pool=None,
+    ):
+        self.cfg = cfg
+        self.placement = placement
+        self.groups = groups
         self.tokenizer = tokenizer
         self.dataset = dataset
         self.data_sampler = data_sampler
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.engine_index = placement.engine_of(self.rank)
+        self.is_leader = placement.is_leader(self.rank)
+        if self.is_leader and (engine is None or reward_pool is None):
+            raise ValueError(
+                f"rank {self.rank} leads engine {self.engine_index}: it needs an engine and a reward pool"
+            )
+        self.engine = engine
         self.reward_pool = reward_pool
-        self.cfg = cfg
+        self.pad_id = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
         algo = cfg.algorithm
-        self.dynamic_sampler = DynamicSampler(
-            cfg.trainer.train_batch_size,
-            max_num_gen_batches=algo.max_num_gen_batches,
-            metric=algo.filter_metric,
-            enabled=algo.dynamic_sampling,
-        )
-        self.prompt_skipper = PromptSkipper(
+        self.prompt_skipper = PromptSkipper(  # the same state on every rank (observes every group)
             enabled=algo.prompt_skipping,
             explore_prob=algo.prompt_skipping_explore_prob,
             metric=algo.filter_metric,
         )
+        self.generate_seconds = 0.0
         self.generation_round = 0  # persisted: makes every round's sampling seed reproducible
+
+    # ------------------------------------------------------------------------------ generation
 
     def sampling(self, *, validation: bool = False, seed: int | None = None) -> SamplingConfig:
         r = self.cfg.rollout
@@ -54,16 +120,29 @@ class RolloutCollector:
             seed=seed,
         )
 
+    def _generate(self, prompts, n: int, sampling: SamplingConfig):
+        try:
+            return self.engine.generate([p.input_ids for p in prompts], n, sampling)
+        except Exception as err:
+            raise EngineError(
+                f"rollout engine {self.engine_index} (of {self.placement.num_engines}) on rank {self.rank} "
+                f"failed in generate: {type(err).__name__}: {err}"
+            ) from err
+
     def generate_and_score(
-        self, prompts, n: int, sampling: SamplingConfig, uid_prefix: str
-    ) -> tuple[list, dict]:
-        """Sample ``n`` responses per prompt and score them; returns (samples, metrics)."""
+        self, prompts, n: int, sampling: SamplingConfig, *, uid_prefix: str, first: int, report: Report
+    ) -> list[dict]:
+        """Sample ``n`` responses for each of this engine's ``prompts`` (global positions
+        ``first, first + 1, ...``), score them and add the overlong penalty. Adds the per-response
+        sums to ``report``; returns the samples, prompt by prompt."""
         t0 = time.monotonic()
-        groups = self.engine.generate([p.input_ids for p in prompts], n, sampling)
-        gen_time = time.monotonic() - t0
+        groups = self._generate(prompts, n, sampling)
+        self.generate_seconds += time.monotonic() - t0
         flat = [(i, r) for i, group in enumerate(groups) for r in group]
         texts = self.tokenizer.batch_decode([r.token_ids for _, r in flat], skip_special_tokens=True)
         results, reward_stats = self.reward_pool.compute(texts, [prompts[i].ground_truth for i, _ in flat])
+        for key, value in reward_stats.as_metrics().items():
+            report.total(key, value)
         algo = self.cfg.algorithm
         lengths = torch.tensor([len(r.token_ids) for _, r in flat], dtype=torch.float32)
         penalty = torch.zeros_like(lengths)
@@ -78,29 +157,41 @@ class RolloutCollector:
         for k, ((i, resp), res) in enumerate(zip(flat, results)):
             samples.append(
                 {
-                    "uid": f"{uid_prefix}:{prompts[i].index}:{i}",
+                    "uid": f"{uid_prefix}:{prompts[i].index}:{first + i}",
                     "prompt_ids": list(prompts[i].input_ids),
                     "response_ids": list(resp.token_ids),
-                    "rollout_logprobs": list(resp.logprobs),
-                    "routed_experts": resp.routed_experts,
+                    "rollout_log_probs": list(resp.logprobs),
                     "truncated": resp.finish_reason == "length",
                     "score": float(res["score"]),
                     "acc": float(bool(res["acc"])),
-                    "overlong_penalty": float(penalty[k]),
                     "reward": float(res["score"]) + float(penalty[k]),
                 }
             )
-        metrics = reward_stats.as_metrics()
-        metrics["timing/generate"] = gen_time
-        metrics["rollout/generated_tokens"] = float(lengths.sum())
-        return samples, metrics
+        return samples
 
-    def collect(self) -> tuple[list[dict], dict[str, float]]:
-        """One training batch of ``train_batch_size`` groups (after dynamic sampling)."""
-        cfg = self.cfg
-        generated: list[dict] = []
-        gen_metrics: dict[str, float] = {}
+    # --------------------------------------------------------------------------------- collect
+
+    def _gather_counts(self, local: list[int]) -> torch.Tensor:
+        """``[num_engines, len(local)]``: every leader's ``local`` counts (collective)."""
+        mine = torch.tensor(local, dtype=torch.long)
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return mine[None]
+        every = all_gather_cpu(mine)
+        return torch.stack([every[r] for r in self.placement.leaders])
+
+    def collect(self) -> tuple[RolloutBatch, dict[str, float]]:
+        """This rank's share of one training batch of ``train_batch_size`` groups, and the step's
+        rollout metrics (identical on every rank)."""
+        cfg, algo = self.cfg, self.cfg.algorithm
+        n, needed = cfg.rollout.n, cfg.trainer.train_batch_size
+        num_engines = self.placement.num_engines
+        report = Report()
+        kept_by_round: list[list[list[dict]]] = []
+        kept_counts: list[list[int]] = []
+        totals = torch.zeros(4, dtype=torch.long)  # kept, generated, all solved, none solved
+        generated_tokens = 0
         scanned = 0
+        self.generate_seconds = 0.0
         while True:
             indices, drawn = self.prompt_skipper.choose(
                 self.data_sampler,
@@ -108,58 +199,351 @@ class RolloutCollector:
                 seed=cfg.trainer.seed * _SEED_STRIDE + self.generation_round,
             )
             scanned += drawn
-            prompts = self.dataset.batch(indices)
             seed = cfg.trainer.seed * _SEED_STRIDE + self.generation_round * (
-                cfg.rollout.n * cfg.trainer.gen_batch_size + 1
+                n * cfg.trainer.gen_batch_size + 1
             )
             self.generation_round += 1
-            samples, metrics = self.generate_and_score(
-                prompts, cfg.rollout.n, self.sampling(seed=seed), uid_prefix=f"r{self.generation_round}"
-            )
-            self.prompt_skipper.observe(indices, samples, cfg.rollout.n)
-            generated += samples
-            for k, v in metrics.items():
-                gen_metrics[k] = gen_metrics.get(k, 0.0) + v
-            if self.dynamic_sampler.add(samples):
+            start, stop = shard_bounds(len(indices), num_engines)[self.engine_index]
+            kept, local, values = [], [0, 0, 0, 0], []
+            if self.is_leader and stop > start:
+                samples = self.generate_and_score(
+                    self.dataset.batch(indices[start:stop]),
+                    n,
+                    self.sampling(seed=seed + start * n),
+                    uid_prefix=f"r{self.generation_round}",
+                    first=start,
+                    report=report,
+                )
+                generated_tokens += sum(len(s["response_ids"]) for s in samples)
+                _add_response_sums(report, samples)
+                values = [s[algo.filter_metric] for s in samples]
+                informative = select_informative_groups([s["uid"] for s in samples], values).tolist()
+                for g in range(stop - start):
+                    group = samples[g * n : (g + 1) * n]
+                    solved = sum(v > 0.0 for v in values[g * n : (g + 1) * n])
+                    local[1] += 1
+                    local[2] += solved == n
+                    local[3] += solved == 0
+                    if informative[g * n] or not algo.dynamic_sampling:
+                        kept.append(group)
+                local[0] = len(kept)
+            if self.prompt_skipper.enabled:  # every rank observes every group (small metadata)
+                shares: list = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+                if len(shares) > 1:
+                    dist.all_gather_object(shares, (start, values))
+                else:
+                    shares = [(start, values)]
+                every = [v for _, vs in sorted(shares, key=lambda x: x[0]) for v in vs]
+                self.prompt_skipper.observe(indices, [{algo.filter_metric: v} for v in every], n)
+            per_engine = self._gather_counts(local)
+            kept_by_round.append(kept)
+            kept_counts.append(per_engine[:, 0].tolist())
+            totals += per_engine.sum(0)
+            if int(totals[0]) >= needed:
                 break
-        batch, ds_metrics = self.dynamic_sampler.take()
-        n = len(generated)
-        out = {f"dynamic_sampling/{k}": float(v) for k, v in ds_metrics.items()}
-        out.update(gen_metrics)
+            if algo.max_num_gen_batches > 0 and len(kept_counts) >= algo.max_num_gen_batches:
+                raise exhausted_error(
+                    num_gen_batches=len(kept_counts),
+                    max_num_gen_batches=algo.max_num_gen_batches,
+                    num_kept=int(totals[0]),
+                    needed=needed,
+                    num_total=int(totals[1]),
+                    num_solve_all=int(totals[2]),
+                    num_solve_none=int(totals[3]),
+                    metric=algo.filter_metric,
+                    where=f" over {num_engines} engine(s)",
+                )
+
+        # The first `needed` kept groups in (round, engine, prompt) order.
+        take = []
+        left = needed
+        for counts in kept_counts:
+            take.append(_running(counts, left))
+            left -= sum(take[-1])
+        mine = [g for r, groups in enumerate(kept_by_round) for g in groups[: take[r][self.engine_index]]]
+        rows = self.shape(mine)
+        _add_kept_sums(report, [s for g in mine for s in g])
+        if self.is_leader:
+            report.max("rollout/engine_generated_tokens_max", generated_tokens)
+            report.min("rollout/engine_generated_tokens_min", generated_tokens)
+            report.max("timing/generate", self.generate_seconds)  # the slowest engine
+
+        batch, stats = self.deliver(rows, take)
+        out = report.reduce(self.groups.world).values()
+        kept_total, generated = int(totals[0]), int(totals[1])
+        if self.prompt_skipper.enabled:
+            generated_prompts = generated
+            out["prompt_skipping/skipped_prompts"] = float(scanned - generated_prompts)
+            out["prompt_skipping/skip_ratio"] = (scanned - generated_prompts) / scanned if scanned else 0.0
+            out["prompt_skipping/zero_streak_prompts"] = float(self.prompt_skipper.num_zero_streak())
         out.update(
             {
-                # over every response generated this step (what the policy does) ...
-                "acc/mean": sum(s["acc"] for s in generated) / n,
-                "score/mean": sum(s["score"] for s in generated) / n,
-                "reward/mean": sum(s["reward"] for s in generated) / n,
-                "response_length/mean": sum(len(s["response_ids"]) for s in generated) / n,
-                "response_length/max": float(max(len(s["response_ids"]) for s in generated)),
-                "response_length/clip_ratio": sum(s["truncated"] for s in generated) / n,
-                # ... and over the groups kept for training
-                "acc/kept_mean": sum(s["acc"] for s in batch) / len(batch),
-                "reward/kept_mean": sum(s["reward"] for s in batch) / len(batch),
                 # what dynamic sampling costs: responses generated per group that is trained on
-                "rollout/responses_per_kept_group": n / cfg.trainer.train_batch_size,
+                "rollout/responses_per_kept_group": generated * n / needed,
+                "dynamic_sampling/num_gen_batches": float(len(kept_counts)),
+                "dynamic_sampling/num_groups_total": float(generated),
+                "dynamic_sampling/num_groups_kept": float(kept_total),
+                "dynamic_sampling/kept_ratio": kept_total / generated if generated else 0.0,
+                "dynamic_sampling/solve_all_frac": int(totals[2]) / generated if generated else 0.0,
+                "dynamic_sampling/solve_none_frac": int(totals[3]) / generated if generated else 0.0,
+                "dynamic_sampling/num_groups_trimmed": float(kept_total - needed),
+                "rollout/num_engines": float(num_engines),
+                **stats,
             }
         )
-        if self.prompt_skipper.enabled:
-            generated_prompts = n // cfg.rollout.n
-            out["prompt_skipping/skipped_prompts"] = float(scanned - generated_prompts)
-            out["prompt_skipping/skip_ratio"] = (scanned - generated_prompts) / scanned
-            out["prompt_skipping/zero_streak_prompts"] = float(self.prompt_skipper.num_zero_streak())
         return batch, out
 
+    def shape(self, groups: list[list[dict]]) -> list[Row]:
+        """Group advantages of the shaped rewards and overlong filtering, for this engine's kept
+        groups (complete groups: the group statistics are exact)."""
+        samples = [s for g in groups for s in g]
+        if not samples:
+            return []
+        algo = self.cfg.algorithm
+        adv = group_advantages(
+            [s["reward"] for s in samples], [s["uid"] for s in samples], norm_by_std=algo.norm_adv_by_std
+        ).float()
+        keep = torch.ones(len(samples), dtype=torch.bool)
+        if algo.overlong_filter:
+            keep = overlong_mask(
+                torch.tensor([len(s["response_ids"]) for s in samples]),
+                torch.tensor([s["truncated"] for s in samples]),
+            )
+        return [
+            Row(s["prompt_ids"], s["response_ids"], s["rollout_log_probs"], float(a), bool(k))
+            for s, a, k in zip(samples, adv.tolist(), keep.tolist())
+        ]
+
+    def deliver(self, rows: list[Row], take: list[list[int]]) -> tuple[RolloutBatch, dict[str, float]]:
+        """Move each row to the data-parallel replica that trains it (see :func:`deliver_rows`)."""
+        return deliver_rows(
+            rows if self.is_leader else [],
+            take,
+            n=self.cfg.rollout.n,
+            mini_batch_size=self.cfg.trainer.ppo_mini_batch_size * self.cfg.rollout.n,
+            placement=self.placement,
+            groups=self.groups,
+            pad_id=self.pad_id,
+        )
+
+    # ------------------------------------------------------------------------------ validation
+
+    def validate(self, dataset) -> dict[str, float]:
+        """avg@``val_n`` accuracy over every prompt of ``dataset``, sharded over the engines."""
+        r = self.cfg.rollout
+        report = Report()
+        start, stop = shard_bounds(len(dataset), self.placement.num_engines)[self.engine_index]
+        if self.is_leader and stop > start:
+            samples = self.generate_and_score(
+                dataset.batch(list(range(start, stop))),
+                r.val_n,
+                self.sampling(validation=True, seed=self.cfg.trainer.seed + start * r.val_n),
+                uid_prefix="val",
+                first=start,
+                report=Report(),
+            )
+            report.add(f"val/acc_avg@{r.val_n}", sum(s["acc"] for s in samples), len(samples))
+            report.add("val/score_mean", sum(s["score"] for s in samples), len(samples))
+            report.add("val/response_length_mean", sum(len(s["response_ids"]) for s in samples), len(samples))
+        return report.reduce(self.groups.world).values()
+
+    # ------------------------------------------------------------------------------ state
+
     def state_dict(self) -> dict[str, Any]:
+        """Identical on every rank (the partial batch never outlives a step)."""
         return {
             "generation_round": self.generation_round,
             "data_sampler": self.data_sampler.state_dict(),
-            "dynamic_sampler": self.dynamic_sampler.state_dict(),
             "prompt_skipper": self.prompt_skipper.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generation_round = state["generation_round"]
         self.data_sampler.load_state_dict(state["data_sampler"])
-        self.dynamic_sampler.load_state_dict(state["dynamic_sampler"])
         # (checkpoints from before prompt skipping existed hold no history: a disabled skipper)
         self.prompt_skipper.load_state_dict(state.get("prompt_skipper", {"enabled": False, "history": {}}))
+
+
+def deliver_rows(
+    rows: list[Row],
+    take: list[list[int]],
+    *,
+    n: int,
+    mini_batch_size: int,
+    placement: EnginePlacement,
+    groups,
+    pad_id: int = 0,
+) -> tuple[RolloutBatch, dict[str, float]]:
+    """The data plane: each kept row, as tensors, to the data-parallel replica that trains it.
+
+    Args:
+        rows: this rank's rows (its engine's kept groups in (round, prompt) order; empty off leaders).
+        take: ``take[r][e]`` = groups of engine ``e`` kept in round ``r`` (the same on every rank).
+        n: responses per group; mini_batch_size: sequences per optimizer update over all ranks.
+        placement, groups: engine placement and this rank's process groups.
+
+    Only the lengths of every row are all-gathered; every rank then computes the same split
+    (:func:`~dapo_megatron.parallel.data.assign_data_parallel`) and each leader sends each replica's
+    rows to every rank of that replica. Returns this rank's batch (rows in split order) and
+    ``rollout/batch_bytes_per_rank`` (the most bytes any rank received) and ``rollout/batch_tokens``.
+    """
+    num_engines = placement.num_engines
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    engine_index, is_leader = placement.engine_of(rank), placement.is_leader(rank)
+    rows_of = [sum(t[e] for t in take) * n for e in range(num_engines)]
+    # Global order (round, engine, row): owner engine and local row of each global sequence.
+    owner, offset = [], [0] * num_engines
+    for t in take:
+        for e in range(num_engines):
+            owner += [(e, offset[e] + k) for k in range(t[e] * n)]
+            offset[e] += t[e] * n
+    # Small metadata: (prompt length, response length) of every row of every engine.
+    width = max(rows_of)
+    mine = torch.zeros(width, 2, dtype=torch.long)
+    for j, row in enumerate(rows):
+        mine[j, 0], mine[j, 1] = len(row.prompt_ids), len(row.response_ids)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = all_gather_cpu(mine)
+        lens = [every[r] for r in placement.leaders]
+    else:
+        lens = [mine]
+    seq_len = [int(lens[e][j].sum()) for e, j in owner]
+    dp = groups.dp_size
+    assignment = assign_data_parallel(seq_len, mini_batch_size=mini_batch_size, dp=dp)
+
+    def pack_shapes(e: int, idx: list[int]) -> tuple[int, int]:
+        toks = sum(int(lens[e][j].sum()) for j in idx)
+        vals = sum(2 + int(lens[e][j, 1]) for j in idx)
+        return toks, vals
+
+    sends: dict[int, list[torch.Tensor]] = {}
+    if is_leader and rows:
+        me = engine_index
+        for d in range(dp):
+            idx = [owner[g][1] for g in assignment[d] if owner[g][0] == me]
+            if not idx:
+                continue
+            toks = torch.tensor(
+                [t for j in idx for t in rows[j].prompt_ids + rows[j].response_ids], dtype=torch.long
+            )
+            vals = torch.tensor(
+                [
+                    v
+                    for j in idx
+                    for v in [rows[j].advantage, float(rows[j].in_loss), *rows[j].rollout_log_probs]
+                ],
+                dtype=torch.float32,
+            )
+            for rank in groups.replica_ranks[d]:
+                sends[rank] = [toks, vals]
+    mine_idx = assignment[groups.dp_rank]
+    recvs: dict[int, list[torch.Tensor]] = {}
+    for e in range(num_engines):
+        idx = [owner[g][1] for g in mine_idx if owner[g][0] == e]
+        if idx:
+            toks, vals = pack_shapes(e, idx)
+            recvs[placement.leaders[e]] = [
+                torch.empty(toks, dtype=torch.long),
+                torch.empty(vals, dtype=torch.float32),
+            ]
+    received = exchange(sends, recvs)
+
+    # Unpack into this rank's batch, in assignment order.
+    cursor = {e: [0, 0] for e in range(num_engines)}
+    num, width = len(mine_idx), max(seq_len[g] for g in mine_idx)
+    input_ids = torch.full((num, width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros(num, width)
+    advantages = torch.zeros(num, width)
+    rollout_log_probs = torch.zeros(num, width)
+    lengths = torch.zeros(num, dtype=torch.long)
+    for i, g in enumerate(mine_idx):
+        e, j = owner[g]
+        p, r = int(lens[e][j, 0]), int(lens[e][j, 1])
+        toks, vals = recvs[placement.leaders[e]]
+        ti, vi = cursor[e]
+        input_ids[i, : p + r] = toks[ti : ti + p + r]
+        adv, in_loss = float(vals[vi]), float(vals[vi + 1])
+        response_mask[i, p : p + r] = in_loss
+        advantages[i, p : p + r] = adv * in_loss
+        rollout_log_probs[i, p : p + r] = vals[vi + 2 : vi + 2 + r]
+        lengths[i] = p + r
+        cursor[e] = [ti + p + r, vi + 2 + r]
+    batch = RolloutBatch(
+        input_ids=input_ids,
+        seq_lengths=lengths,
+        response_mask=response_mask,
+        advantages=advantages,
+        rollout_log_probs=rollout_log_probs,
+    )
+    most = torch.tensor([float(received)], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        most = all_reduce_cpu(most, op=dist.ReduceOp.MAX)
+    return batch, {
+        "rollout/batch_bytes_per_rank": float(most),
+        "rollout/batch_tokens": float(sum(seq_len)),
+    }
+
+
+def build_collector(cfg, placement: EnginePlacement, groups):
+    """Every rank: tokenizer, training data and sampler (the same prompt indices everywhere).
+    Engine leaders also get the rollout engine (on ``model.hf_dir``) and the reward pool.
+    Returns ``(collector, validation dataset or None)``."""
+    from transformers import AutoTokenizer
+
+    from dapo_megatron.data.prompts import dataset_from_config
+    from dapo_megatron.data.sampler import EpochSampler
+    from dapo_megatron.rewards.pool import RewardPool
+    from dapo_megatron.rollout import create_engine
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_dir or cfg.model.hf_dir)
+    train = dataset_from_config(cfg.data, tokenizer, "train")
+    val = dataset_from_config(cfg.data, tokenizer, "val") if cfg.data.val_files else None
+    sampler = EpochSampler(len(train), cfg.trainer.gen_batch_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+    engine = reward_pool = None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if placement.is_leader(rank):
+        reward_pool = RewardPool.from_config(cfg.reward)
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.dtype]
+        options = dict(cfg.rollout.engine_options)
+        if cfg.rollout.engine == "vllm" and placement.ranks_per_engine > 1:
+            options["tensor_parallel_size"] = placement.ranks_per_engine
+        engine = create_engine(cfg.rollout.engine, cfg.model.hf_dir, dtype=dtype, seed=cfg.trainer.seed, **options)
+    collector = RolloutCollector(
+        cfg,
+        placement=placement,
+        groups=groups,
+        tokenizer=tokenizer,
+        dataset=train,
+        data_sampler=sampler,
+        engine=engine,
+        reward_pool=reward_pool,
+    )
+    return collector, val
+
+
+def _running(counts: list[int], left: int) -> list[int]:
+    """How many of each engine's ``counts`` fit, in engine order, into ``left`` remaining slots."""
+    out = []
+    for c in counts:
+        t = max(min(c, left), 0)
+        out.append(t)
+        left -= t
+    return out
+
+
+def _add_response_sums(report: Report, samples: list[dict]) -> None:
+    """Means over every generated response (what the policy does)."""
+    k = len(samples)
+    report.add("acc/mean", sum(s["acc"] for s in samples), k)
+    report.add("score/mean", sum(s["score"] for s in samples), k)
+    report.add("reward/mean", sum(s["reward"] for s in samples), k)
+    report.add("response_length/mean", sum(len(s["response_ids"]) for s in samples), k)
+    report.add("response_length/clip_ratio", sum(s["truncated"] for s in samples), k)
+    report.max("response_length/max", max(len(s["response_ids"]) for s in samples))
+    report.total("rollout/generated_tokens", sum(len(s["response_ids"]) for s in samples))
+
+
+def _add_kept_sums(report: Report, samples: list[dict]) -> None:
+    """Means over the responses kept for training."""
+    report.add("acc/kept_mean", sum(s["acc"] for s in samples), len(samples))
+    report.add("reward/kept_mean", sum(s["reward"] for s in samples), len(samples))
