@@ -18,6 +18,8 @@ def samples_to_batch(
     * ``rollout_log_probs``: the engine's log-probs of the response tokens (TIS, mismatch metric).
     * ``routed_experts``: only when every sample carries the engine's expert ids (MoE routing
       replay): int ``[N, S, layers, top_k]``, zeros on padding.
+    * ``rewards`` ``[N]`` (shaped) and ``group_index`` ``[N]`` (one id per prompt group): what
+      :func:`advantages_with_kl_in_reward` recomputes the advantages from.
     """
     n = len(samples)
     lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
@@ -34,15 +36,18 @@ def samples_to_batch(
         truncated = torch.tensor([s["truncated"] for s in samples])
         keep = overlong_mask(torch.tensor([len(s["response_ids"]) for s in samples]), truncated)
         response_mask *= keep.to(response_mask.dtype)[:, None]
-    adv = group_advantages(
-        [s["reward"] for s in samples], [s["uid"] for s in samples], norm_by_std=norm_adv_by_std
-    )
+    groups: dict[str, int] = {}
+    group_index = torch.tensor([groups.setdefault(s["uid"], len(groups)) for s in samples], dtype=torch.long)
+    rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float64)
+    adv = group_advantages(rewards, group_index, norm_by_std=norm_adv_by_std)
     batch = {
         "input_ids": input_ids,
         "seq_lengths": torch.tensor(lengths, dtype=torch.long),
         "response_mask": response_mask,
         "advantages": adv.float()[:, None] * response_mask,
         "rollout_log_probs": rollout_log_probs,
+        "rewards": rewards,
+        "group_index": group_index,
     }
     routed = [s.get("routed_experts") for s in samples]
     if routed and all(r is not None for r in routed):
@@ -55,3 +60,14 @@ def samples_to_batch(
             experts[i, : lengths[i]] = r
         batch["routed_experts"] = experts
     return batch
+
+
+def advantages_with_kl_in_reward(
+    batch: dict, kl_sums: torch.Tensor, *, kl_coef: float, norm_adv_by_std: bool
+) -> torch.Tensor:
+    """KL in the reward (GRPO with ``use_kl_loss: false``, as verl): the sequence reward becomes
+    ``r_i - kl_coef * sum_t kl_t`` (``kl_sums`` ``[N]``, over the response tokens, against the
+    reference policy) before the group-relative advantage; returns the new ``[N, S]`` advantages."""
+    shaped = batch["rewards"].double() - kl_coef * kl_sums.double()
+    adv = group_advantages(shaped, batch["group_index"], norm_by_std=norm_adv_by_std)
+    return adv.float()[:, None] * batch["response_mask"]

@@ -98,6 +98,11 @@ class DapoTrainer:
             log_prob_micro_batch_size=p.log_prob_micro_batch_size,
             max_tokens_per_micro_batch=p.max_tokens_per_micro_batch,
         )
+        self.reference = None  # the frozen initial policy of the KL penalty; only when kl_coef > 0
+        if cfg.algorithm.kl_coef > 0:
+            from dapo_megatron.policy.reference import build_reference
+
+            self.reference = build_reference(cfg.model, layout, moe=moe)
         if cfg.model.megatron_checkpoint:
             self.metadata = validate_checkpoint(cfg.model.megatron_checkpoint)[1]
         else:
@@ -194,6 +199,8 @@ class DapoTrainer:
         batch["old_log_probs"] = self.policy.compute_log_probs(batch)
         t_logprob = time.monotonic() - t0 - t_rollout
         mismatch = self._mismatch(batch)
+        if self.reference is not None:
+            mismatch.update(self._reference_kl(batch))
 
         n_seq = cfg.trainer.ppo_mini_batch_size * cfg.rollout.n
         clip_high = self.clip_high.value
@@ -220,6 +227,27 @@ class DapoTrainer:
             }
         )
         return metrics
+
+    def _reference_kl(self, batch) -> dict[str, float]:
+        """Reference log-probs (for the KL loss), or the KL-in-reward advantages; the KL metric."""
+        from dapo_megatron.policy.reference import sequence_kl_sums
+        from dapo_megatron.trainer.batch import advantages_with_kl_in_reward
+
+        algo = self.cfg.algorithm
+        batch["ref_log_probs"] = self.reference.compute_log_probs(self.policy, batch)
+        kl_sums = sequence_kl_sums(
+            batch["old_log_probs"],
+            batch["ref_log_probs"],
+            batch["response_mask"],
+            kind=algo.kl_type,
+            contributes=self.policy.reports_metrics,
+        )
+        if not algo.use_kl_loss:
+            batch["advantages"] = advantages_with_kl_in_reward(
+                batch, kl_sums, kl_coef=algo.kl_coef, norm_adv_by_std=algo.norm_adv_by_std
+            )
+        tokens = float(batch["response_mask"].sum())
+        return {"ref_kl/mean": float(kl_sums.sum()) / max(tokens, 1.0)}
 
     def _mismatch(self, batch) -> dict[str, float]:
         """Trainer vs engine log-probs of the same tokens, reduced over all sequences."""

@@ -1,0 +1,90 @@
+"""The reference policy of the KL penalty: a frozen copy of the initial policy, same Megatron layout.
+
+Built only when ``algorithm.kl_coef > 0`` (:func:`build_reference`), from the same source as the
+policy (``model.megatron_checkpoint`` or ``model.hf_dir``), so a resumed run still compares with
+the *initial* weights. Its log-probs come from
+:meth:`~dapo_megatron.policy.train_step.PolicyTrainer.log_probs_of`, the pass that computes
+the old log-probs: no grad, vocab-parallel, the policy's data-parallel split, micro-batching and
+``rollout.temperature``. On CUDA its weights live on the CPU between uses (moved in for the pass,
+out after), so it costs no GPU memory during generation and the update.
+
+KL in the reward (``use_kl_loss: false``) needs one number per sequence on every rank:
+:func:`sequence_kl_sums` reduces the per-sequence sums over the ranks that hold them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dapo_megatron.algo import kl_penalty
+
+
+class ReferencePolicy:
+    """A frozen :class:`~dapo_megatron.policy.model.LoadedModel` scored with a policy's pass structure."""
+
+    def __init__(self, loaded, *, offload: bool | None = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        self.offload = torch.cuda.is_available() if offload is None else offload
+        self.device = next(self.model.parameters()).device
+        if self.offload:
+            self.model.to("cpu")
+
+    @torch.no_grad()
+    def compute_log_probs(self, policy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[N, S]`` reference log-probs, laid out as ``policy.compute_log_probs(batch)``."""
+        if self.offload:
+            self.model.to(self.device)
+        try:
+            return policy.log_probs_of(self.model, batch)
+        finally:
+            if self.offload:
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+
+
+def build_reference(model_cfg, layout, *, moe=None) -> ReferencePolicy:
+    """The frozen initial policy for ``model_cfg`` (a ``ModelConfig``) at ``layout`` (and the
+    policy's ``MoESettings``, if any); call after
+    :func:`~dapo_megatron.policy.model.initialize_parallel`, on every rank."""
+    from dapo_megatron.conversion.checkpoint import build_model_from_checkpoint
+    from dapo_megatron.policy.model import build_model_from_hf
+
+    if model_cfg.megatron_checkpoint:
+        loaded = build_model_from_checkpoint(model_cfg.megatron_checkpoint, layout, moe=moe)
+    else:
+        loaded = build_model_from_hf(
+            model_cfg.hf_dir,
+            layout,
+            dtype=model_cfg.dtype,
+            vocab_pad_multiple=model_cfg.vocab_pad_multiple,
+            moe=moe,
+        )
+    return ReferencePolicy(loaded)
+
+
+def sequence_kl_sums(
+    old_log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    kind: str,
+    contributes: bool,
+) -> torch.Tensor:
+    """``[N]`` float64 ``sum_t kl(old_t, ref_t)`` over each sequence's response tokens, identical on
+    every rank.
+
+    Each rank holds its own sequences' log-probs (zeros elsewhere, where the estimator is 0);
+    ``contributes`` marks the one rank per model replica whose values count (last pipeline stage,
+    tensor-parallel rank 0), so the all-reduce over the world adds each sequence exactly once.
+    """
+    import torch.distributed as dist
+
+    kl = kl_penalty(old_log_probs, ref_log_probs, kind=kind, response_mask=response_mask)
+    sums = kl.double().sum(dim=1) if contributes else torch.zeros(kl.shape[0], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    return sums
