@@ -135,6 +135,7 @@ class RolloutCollector:
                 "response_length/mean": sum(len(s["response_ids"]) for s in generated) / n,
                 "response_length/max": float(max(len(s["response_ids"]) for s in generated)),
                 "response_length/clip_ratio": sum(s["truncated"] for s in generated) / n,
+                "rollout/generated_responses": float(n),
                 # ... and over the groups kept for training
                 "acc/kept_mean": sum(s["acc"] for s in batch) / len(batch),
                 "reward/kept_mean": sum(s["reward"] for s in batch) / len(batch),
