@@ -109,7 +109,7 @@ def test_ablate_one_arm_two_steps_then_resume_skips(tmp_path):
     args = [
         "--config", "examples/ablation_cpu.yaml", "--seeds", "1", "--arms", "grpo", "--out", str(out),
         f"model.hf_dir={model}", f"data.train_files=[{data['train']}]", f"data.val_files=[{data['val']}]",
-        "trainer.total_steps=2", "trainer.train_batch_size=2", "trainer.gen_batch_size=3",
+        "trainer.total_steps=2", "trainer.train_batch_size=2",
         "trainer.ppo_mini_batch_size=2", "rollout.n=4", "rollout.val_n=2", "rollout.max_response_length=12",
         "trainer.val_every=2", "trainer.save_every=1", "trainer.val_before_train=false",
     ]  # fmt: skip
