@@ -110,6 +110,9 @@ def run_dir(out: Path, arm: str, seed: int) -> Path:
 # ------------------------------------------------------------------------------------ running
 
 
+PORT_RETRIES = 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,18 +140,25 @@ def run_one(config: str, arm: str, seed: int, out: Path, extra: Sequence[str]) -
     directory = run_dir(out, arm, seed)
     directory.mkdir(parents=True, exist_ok=True)
     cmd = train_command(config, arm, seed, directory, extra)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        DAPO_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        MASTER_PORT=str(_free_port()),
-    )
     t0 = time.monotonic()
-    with open(directory / "train.log", "a") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    for _attempt in range(PORT_RETRIES):
+        # A free port now may be taken before the run binds it (a busy machine): retry with another.
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            DAPO_NUM_THREADS="1",
+            TOKENIZERS_PARALLELISM="false",
+            MASTER_PORT=str(_free_port()),
+        )
+        with open(directory / "train.log", "a") as log:
+            start = log.tell()
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with open(directory / "train.log", errors="replace") as log:
+            log.seek(start)
+            if rc == 0 or "EADDRINUSE" not in log.read():
+                break
     if rc == 0:
         done = {"arm": arm, "seed": seed, "seconds": round(time.monotonic() - t0, 1), "command": cmd}
         tmp = directory / "done.json.tmp"
@@ -255,6 +265,7 @@ COLUMNS = (
     ("final_val", "final val avg@k", "{:.3f}"),
     ("best_val", "best val", "{:.3f}"),
     ("samples_to_target", "responses to target", "{:.0f}"),
+    ("generated", "responses generated", "{:.0f}"),
     ("final_entropy", "final entropy", "{:.3f}"),
     ("clipfrac_low", "clipfrac low", "{:.4f}"),
     ("clipfrac_high", "clipfrac high", "{:.4f}"),
@@ -284,6 +295,8 @@ def markdown_table(agg: dict[str, dict[str, Any]], *, target: float, val_key: st
             m, s = row[key]
             if math.isnan(m):
                 cell = "n/a"
+            elif row["seeds"] == 1:
+                cell = fmt.format(m)  # no spread from one seed
             else:
                 cell = f"{fmt.format(m)} ± {fmt.format(s)}"
             if key == "samples_to_target":
