@@ -174,24 +174,23 @@ def pending_runs(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> list[t
 
 
 def prepare_bundled_task(config: str, overrides: Sequence[str] = ()) -> None:
-    """Build the multi-step task's model and data at the config's paths if they are missing."""
+    """Build the multi-step task's model and data at the config's paths if they are missing
+    (``python -m dapo_megatron.demo.multistep``, a subprocess: entry points do not import each other)."""
     from dapo_megatron.config import load_config
 
     cfg = load_config(config, overrides, require_inputs=False)
     model = Path(cfg.model.hf_dir)
-    if not (model / "config.json").is_file():
-        from dapo_megatron.demo.multistep import make_multistep_model
-
-        print(f"[ablate] building the warm-started starting policy in {model} ...", flush=True)
-        make_multistep_model(model)
-    missing = [f for f in [*cfg.data.train_files, *cfg.data.val_files] if not Path(f).is_file()]
-    if missing:
-        from dapo_megatron.demo.multistep import write_multistep_dataset
-
-        data_dirs = {str(Path(f).parent) for f in missing}
-        for d in sorted(data_dirs):
-            print(f"[ablate] writing the multi-step task to {d}", flush=True)
-            write_multistep_dataset(d)
+    files = [*cfg.data.train_files, *cfg.data.val_files]
+    missing = [f for f in files if not Path(f).is_file()]
+    if (model / "config.json").is_file() and not missing:
+        return
+    data_dirs = sorted({str(Path(f).parent) for f in missing})
+    if len(data_dirs) > 1:
+        raise ValueError(f"data files to build must share one directory, got {data_dirs}")
+    cmd = [sys.executable, "-m", "dapo_megatron.demo.multistep", "--out", str(model)]
+    cmd += ["--data", data_dirs[0]] if data_dirs else []
+    print(f"[ablate] building the bundled multi-step task: {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 # -------------------------------------------------------------------------------- aggregation

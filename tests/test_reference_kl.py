@@ -12,13 +12,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from dapo_megatron.algo.config import AlgorithmConfig
 from dapo_megatron.policy.loss import LossSettings
 from tests._reference_ranks import kl_update
 from tests.helpers.distributed import run_on_ranks
 
 OPT = dict(lr=1e-3, weight_decay=0.0, clip_grad=1.0, lr_warmup_steps=0, adam_eps=1e-5)
 KL_COEF = 0.5
-SETTINGS = LossSettings(kl_coef=KL_COEF, kl_type="low_var_kl", loss_agg_mode="token-mean")
+SETTINGS = LossSettings(
+    algorithm=AlgorithmConfig(kl_coef=KL_COEF, use_kl_loss=True, kl_type="low_var_kl", loss_agg_mode="token-mean")
+)
 PROMPT_LENS = [4, 3, 5, 6]
 RESPONSE_LENS = [9, 2, 7, 3]
 

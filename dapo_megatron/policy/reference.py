@@ -20,7 +20,7 @@ from dapo_megatron.algo import kl_penalty
 
 
 class ReferencePolicy:
-    """A frozen :class:`~dapo_megatron.policy.model.LoadedModel` scored with a policy's pass structure."""
+    """A frozen :class:`~dapo_megatron.loading.LoadedModel` scored with a policy's pass structure."""
 
     def __init__(self, loaded, *, offload: bool | None = None):
         self.loaded = loaded
@@ -49,9 +49,8 @@ class ReferencePolicy:
 def build_reference(model_cfg, layout, *, moe=None) -> ReferencePolicy:
     """The frozen initial policy for ``model_cfg`` (a ``ModelConfig``) at ``layout`` (and the
     policy's ``MoESettings``, if any); call after
-    :func:`~dapo_megatron.policy.model.initialize_parallel`, on every rank."""
-    from dapo_megatron.conversion.checkpoint import build_model_from_checkpoint
-    from dapo_megatron.policy.model import build_model_from_hf
+    :func:`~dapo_megatron.parallel.groups.initialize_parallel`, on every rank."""
+    from dapo_megatron.loading import build_model_from_checkpoint, build_model_from_hf
 
     if model_cfg.megatron_checkpoint:
         loaded = build_model_from_checkpoint(model_cfg.megatron_checkpoint, layout, moe=moe)
