@@ -374,8 +374,12 @@ def report(out: Path, arms: Sequence[str], seeds: Sequence[int], target: float) 
         "# DAPO ablation\n",
         f"Runs in `{out}`; mean ± std over seeds (sample std). Target accuracy for "
         f"'responses to target': {target:g} ({val_key} on the validation set).\n",
-        "| arm | overrides on the base config |\n|---|---|",
-        *[f"| `{a}` | {ARMS[a].description}: `{' '.join(arm_overrides(a)) or '(base)'}` |" for a in arms],
+        "| arm | builds on | its own overrides | what it is |\n|---|---|---|---|",
+        *[
+            f"| `{a}` | {f'`{ARMS[a].parent}`' if ARMS[a].parent else 'the config'} | "
+            f"`{' '.join(ARMS[a].overrides)}` | {ARMS[a].description} |"
+            for a in arms
+        ],
         "",
         markdown_table(agg, target=target, val_key=val_key),
         f"Finished runs: {len(finished)}; unfinished: {', '.join(unfinished) or 'none'}.\n",
