@@ -222,7 +222,8 @@ def run_summary(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
     """
     key = _val_key(rows)
     generated, val, steps = 0.0, [], []
-    for r in sorted(rows, key=lambda r: r["step"]):
+    # One row per step, the last written (a run restarted before its first checkpoint logs step 0 again).
+    for r in sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"]):
         generated += r.get("rollout/generated_responses", 0.0)
         if key and key in r:
             val.append((r["step"], r[key], generated))

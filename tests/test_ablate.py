@@ -75,6 +75,8 @@ def test_run_summary_and_aggregation_hand_computed():
     assert (r1["final_val"], r1["best_val"], r1["final_entropy"]) == (0.4, 0.5, 0.7)
     assert r1["samples_to_target"] == 20.0  # first reached at step 2, after 2 x 10 responses
     assert r1["clipfrac_high"] == pytest.approx(0.25)
+    rows = _rows([0.2, 0.5, 0.4], [1.0, 0.9, 0.8, 0.7], [0.1, 0.2, 0.3, 0.4])
+    assert run_summary([rows[0], *rows], target=0.45)["val"] == r1["val"]  # a repeated step counts once
     r2 = run_summary(_rows([0.2, 0.3, 0.6], [1.0, 1.0, 1.0, 0.5], [0.0] * 4, 30.0), target=0.45)
     assert r2["samples_to_target"] == 120.0
     r3 = run_summary(_rows([0.2, 0.3, 0.3], [1.0] * 4, [0.0] * 4), target=0.45)
