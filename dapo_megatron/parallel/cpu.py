@@ -82,6 +82,14 @@ class _HostStream:
 _HOST_STREAM = _HostStream()
 
 
+class _HostStreamType:
+    """``torch.cuda.Stream(...)`` on CPU: returns the one host stream. A class, not a function, so
+    that modules imported later (transformers' generation utilities) can write ``Stream | None``."""
+
+    def __new__(cls, *args, **kwargs):
+        return _HOST_STREAM
+
+
 def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
     """CPU twin of ``moe_utils.maybe_move_tensor_to_cpu`` (which skips tensors already on CPU)."""
     if as_numpy and torch.is_tensor(tensor):
@@ -129,7 +137,7 @@ def enable_cpu_megatron() -> bool:
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     # Not torch.manual_seed: it calls torch.cuda.manual_seed_all, which must stay untouched.
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    torch.cuda.Stream = lambda *a, **k: _HOST_STREAM
+    torch.cuda.Stream = _HostStreamType  # a class: annotations like ``torch.cuda.Stream | None`` still work
     torch.cuda.current_stream = lambda *a, **k: _HOST_STREAM
     torch.cuda.stream = lambda *a, **k: _HOST_STREAM
 
