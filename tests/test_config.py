@@ -271,3 +271,10 @@ def test_config_from_argv(tmp_path):
     assert cfg.trainer.total_steps == 3
     assert cfg.algorithm.use_kl_loss is True
     assert cfg.data.train_files == ["t.jsonl"]
+
+
+def test_kl_in_the_reward_is_refused_by_name():
+    with pytest.raises(ValueError, match="algorithm.use_kl_loss"):
+        load_config(None, REQUIRED + ["algorithm.kl_coef=0.001", "algorithm.use_kl_loss=false"])
+    cfg = load_config(None, REQUIRED, preset="grpo")  # GRPO's KL is in the loss
+    assert cfg.algorithm.use_kl_loss and cfg.algorithm.kl_coef == 0.001

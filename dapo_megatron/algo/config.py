@@ -68,7 +68,7 @@ class AlgorithmConfig(TypedSection):
         "low_var_kl", "KL estimator (low_var_kl = clamped k3, as in GRPO)."
     )
     use_kl_loss: bool = doc_field(
-        False, "true: add the KL term to the loss (GRPO); false: subtract it from the reward."
+        False, "true: add the KL term to the loss (GRPO). false with kl_coef > 0 (KL in the reward) is refused for now."
     )
     entropy_coef: float = doc_field(0.0, "Entropy bonus coefficient (>= 0); 0 = off.")
     tis_cap: float | None = doc_field(

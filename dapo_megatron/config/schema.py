@@ -378,6 +378,13 @@ class DapoConfig:
                 f"algorithm.dynamic_sampling is false, got {t.gen_batch_size} and {t.train_batch_size} "
                 f"(set trainer.gen_batch_size={t.train_batch_size})"
             )
+        if a.kl_coef > 0 and not a.use_kl_loss:
+            # The group advantage of KL-shaped rewards needs every member of a group; the sharded
+            # data plane splits groups over data-parallel ranks by token count.
+            raise ValueError(
+                "algorithm.kl_coef > 0 with algorithm.use_kl_loss=false (KL in the reward) is not "
+                "supported yet; set algorithm.use_kl_loss=true (KL in the loss) or algorithm.kl_coef=0"
+            )
         if a.overlong_buffer_enable and a.overlong_buffer_len >= r.max_response_length:
             raise ValueError(
                 f"algorithm.overlong_buffer_len must be < rollout.max_response_length when "

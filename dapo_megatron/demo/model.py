@@ -88,12 +88,13 @@ def _pre_tokenizer():
     )
 
 
-def _vocabulary() -> list[str]:
+def _vocabulary(extra_texts: Sequence[str] = ()) -> list[str]:
     """The word pieces, in a fixed order: the prompt template (every operator), the answer line,
-    then every digit and punctuation mark with and without a leading space, and the newline."""
+    then every digit and punctuation mark with and without a leading space, the newline, then
+    the pieces of ``extra_texts`` not seen yet (another task's template)."""
     pre = _pre_tokenizer()
     texts = [f"What is 0 {op} 0? {INSTRUCTION}" for op in "+-*"]
-    texts += ["Answer: -0", *(f"{c} {c}" for c in "0123456789" + _PUNCTUATION), "\n"]
+    texts += ["Answer: -0", *(f"{c} {c}" for c in "0123456789" + _PUNCTUATION), "\n", *extra_texts]
     pieces: list[str] = []
     for text in texts:
         for piece, _ in pre.pre_tokenize_str(text):
@@ -102,8 +103,9 @@ def _vocabulary() -> list[str]:
     return pieces
 
 
-def build_tokenizer(model_max_length: int = 256):
-    """The demo tokenizer as a ``transformers`` fast tokenizer (not saved).
+def build_tokenizer(model_max_length: int = 256, extra_texts: Sequence[str] = ()):
+    """The demo tokenizer as a ``transformers`` fast tokenizer (not saved); ``extra_texts`` add
+    the word pieces of another task's template (:mod:`dapo_megatron.demo.multistep`).
 
     The vocabulary size is odd on purpose (a reserved token is appended if needed), so the demo
     also exercises Megatron's vocabulary padding for tensor parallelism.
@@ -111,7 +113,7 @@ def build_tokenizer(model_max_length: int = 256):
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    tokens = list(SPECIAL_TOKENS) + _vocabulary()
+    tokens = list(SPECIAL_TOKENS) + _vocabulary(extra_texts)
     if len(tokens) % 2 == 0:
         tokens.append("<reserved_0>")
     vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -278,6 +280,45 @@ def _warm_start(model: Any, tokenizer: Any, cfg: DemoModelConfig) -> dict[str, f
     return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
 
 
+def save_model_dir(
+    model: Any, tokenizer: Any, out_dir: Path, info: dict[str, Any], *, start: float, max_new_tokens: int
+) -> None:
+    """Write ``model`` + ``tokenizer`` + ``demo_model.json`` (``info`` and the build time since
+    ``start``) as a Hugging Face directory: under a temporary name next to ``out_dir``, renamed at
+    the end, so ``out_dir`` is either absent or complete."""
+    from transformers import GenerationConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # The generic class name loads with transformers 4.x (vLLM) as well as 5.x.
+        tok_cfg_path = tmp / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_cfg_path.read_text())
+        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+        GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            do_sample=True,
+            temperature=1.0,
+            max_new_tokens=max_new_tokens,
+        ).save_pretrained(tmp)
+        info = {**info, "build_seconds": round(time.perf_counter() - start, 2)}
+        (tmp / "demo_model.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def make_demo_model(
     out_dir: str | Path,
     *,
@@ -303,7 +344,7 @@ def make_demo_model(
     The directory is written next to ``out_dir`` under a temporary name and renamed at the end, so
     ``out_dir`` is either absent or complete. Returns ``out_dir``.
     """
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     unknown = sorted(set(options) - set(DemoModelConfig.__dataclass_fields__))
     if unknown:
@@ -322,36 +363,8 @@ def make_demo_model(
         model = LlamaForCausalLM(_llama_config(cfg, tokenizer)).to(torch.float32)
         stats = _warm_start(model, tokenizer, cfg)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        # The generic class name loads with transformers 4.x (vLLM) as well as 5.x.
-        tok_cfg_path = tmp / "tokenizer_config.json"
-        tok_cfg = json.loads(tok_cfg_path.read_text())
-        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
-        GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            do_sample=True,
-            temperature=1.0,
-            max_new_tokens=8,
-        ).save_pretrained(tmp)
-        info = {**asdict(cfg), **stats, "vocab_size": len(tokenizer), "build_seconds": None}
-        info["build_seconds"] = round(time.perf_counter() - start, 2)
-        (tmp / "demo_model.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    info = {**asdict(cfg), **stats, "vocab_size": len(tokenizer)}
+    save_model_dir(model, tokenizer, out_dir, info, start=start, max_new_tokens=8)
     return out_dir
 
 

@@ -152,12 +152,19 @@ class PolicyTrainer:
             for b in plans[self.dp_rank]
         ]
 
-    @torch.no_grad()
     def compute_log_probs(self, batch: RolloutBatch | dict[str, torch.Tensor]) -> torch.Tensor:
         """Log-probs ``[N, S]`` of every token of this rank's ``N`` sequences under the current
         weights (no grad). Filled on the last pipeline stage, zeros elsewhere: exactly where
         :meth:`update` needs them."""
-        self.model.eval()
+        return self.log_probs_of(self.model, batch)
+
+    @torch.no_grad()
+    def log_probs_of(self, model, batch: RolloutBatch | dict[str, torch.Tensor]) -> torch.Tensor:
+        """No-grad log-probs ``[N, S]`` of ``batch`` under ``model`` (the policy, or its frozen
+        reference on the same layout): this trainer's micro-batching (padded or packed),
+        vocab-parallel chunking and temperature, the one pass structure of old and reference
+        log-probs."""
+        model.eval()
         n, s = batch["input_ids"].shape
         out = torch.zeros(n, s, dtype=torch.float32)
         keys = ("input_ids", "seq_lengths", "routed_experts")  # routed_experts: MoE routing replay
@@ -193,7 +200,7 @@ class PolicyTrainer:
             return mb["index"].cpu(), logp.float().cpu()
 
         for idx, logp in run_microbatches(
-            self.model, mbs, collect, forward_only=True, sequence_parallel_multiple=self.sp_multiple
+            model, mbs, collect, forward_only=True, sequence_parallel_multiple=self.sp_multiple
         ):
             out[idx, : logp.shape[1]] = logp
         if self.cp_group is not None:  # each CP rank filled its zigzag share (zeros elsewhere)

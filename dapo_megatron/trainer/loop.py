@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dapo_megatron.algo import logprob_mismatch_metrics
+from dapo_megatron.algo import kl_penalty, logprob_mismatch_metrics
 from dapo_megatron.config import DapoConfig, save_config
 from dapo_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dapo_megatron.trainer.clip_control import ClipHighController
@@ -105,6 +105,11 @@ class DapoTrainer:
             max_tokens_per_micro_batch=p.max_tokens_per_micro_batch,
             groups=self.groups,
         )
+        self.reference = None  # the frozen initial policy of the KL penalty; only when kl_coef > 0
+        if cfg.algorithm.kl_coef > 0:
+            from dapo_megatron.policy.reference import build_reference
+
+            self.reference = build_reference(cfg.model, layout, moe=moe)
         if cfg.model.megatron_checkpoint:
             self.metadata = validate_checkpoint(cfg.model.megatron_checkpoint)[1]
         else:
@@ -176,6 +181,8 @@ class DapoTrainer:
         batch["old_log_probs"] = self.policy.compute_log_probs(batch)
         t_logprob = time.monotonic() - t0 - t_rollout
         mismatch = self._mismatch(batch)
+        if self.reference is not None:
+            mismatch.update(self._reference_kl(batch))
 
         n_seq = cfg.trainer.ppo_mini_batch_size * cfg.rollout.n // self.dp  # per data-parallel rank
         clip_high = self.clip_high.value
@@ -202,6 +209,19 @@ class DapoTrainer:
             }
         )
         return metrics
+
+    def _reference_kl(self, batch) -> dict[str, float]:
+        """Reference log-probs (for the KL loss) and the mean KL to the reference over all tokens."""
+        from dapo_megatron.policy.metrics import reduce_reports
+
+        algo = self.cfg.algorithm
+        batch["ref_log_probs"] = self.reference.compute_log_probs(self.policy, batch)
+        mask = batch.response_mask
+        kl = kl_penalty(batch.old_log_probs, batch.ref_log_probs, kind=algo.kl_type, response_mask=mask)
+        report = {"kl_sum": kl.double().sum(), "tokens": mask.double().sum()}
+        contributes = self.policy.reports_metrics and self.policy.cp_rank == 0
+        tot = reduce_reports([report], keys=list(report), contributes=contributes, group=self.groups.world)
+        return {"ref_kl/mean": tot["kl_sum"] / max(tot["tokens"], 1.0)}
 
     def _mismatch(self, batch) -> dict[str, float]:
         """Trainer vs engine log-probs of the same tokens, reduced over all sequences."""

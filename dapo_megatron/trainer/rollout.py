@@ -541,6 +541,7 @@ def _add_response_sums(report: Report, samples: list[dict]) -> None:
     report.add("response_length/clip_ratio", sum(s["truncated"] for s in samples), k)
     report.max("response_length/max", max(len(s["response_ids"]) for s in samples))
     report.total("rollout/generated_tokens", sum(len(s["response_ids"]) for s in samples))
+    report.total("rollout/generated_responses", k)
 
 
 def _add_kept_sums(report: Report, samples: list[dict]) -> None:
