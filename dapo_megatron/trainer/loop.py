@@ -91,12 +91,15 @@ class DapoTrainer:
             LossSettings(
                 algorithm=cfg.algorithm,
                 temperature=cfg.rollout.temperature,
+                top_k=cfg.rollout.top_k,
+                top_p=cfg.rollout.top_p,
                 norm_length=cfg.rollout.max_response_length,
                 logprob_chunk_size=LOGPROB_CHUNK_TOKENS,
             ),
             micro_batch_size=p.micro_batch_size,
             log_prob_micro_batch_size=p.log_prob_micro_batch_size,
             max_tokens_per_micro_batch=p.max_tokens_per_micro_batch,
+            max_consecutive_skipped_steps=cfg.trainer.max_consecutive_skipped_steps,
         )
         if cfg.model.megatron_checkpoint:
             self.metadata = validate_checkpoint(cfg.model.megatron_checkpoint)[1]
@@ -222,7 +225,9 @@ class DapoTrainer:
         return metrics
 
     def _mismatch(self, batch) -> dict[str, float]:
-        """Trainer vs engine log-probs of the same tokens, reduced over all sequences."""
+        """Trainer vs engine log-probs of the same tokens, reduced over all sequences: both of the
+        distribution sampled (temperature, top-k, top-p: engine processed log-probs, trainer
+        truncation of policy/truncation.py), so only numerics separate them."""
         from dapo_megatron.policy.metrics import reduce_reports
 
         n = batch["input_ids"].shape[0]
