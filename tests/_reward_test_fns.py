@@ -36,3 +36,8 @@ NOT_CALLABLE = 3
 def always_right(response: str, ground_truth: str) -> dict:
     """Every response is correct: no group ever has signal (dynamic sampling must give up)."""
     return {"score": 1.0, "acc": True, "pred": response.strip()}
+
+
+def always_raise(response: str, ground_truth: str) -> dict:
+    """A broken reward function: raises on every response."""
+    raise KeyError(f"no parser for {ground_truth!r}")

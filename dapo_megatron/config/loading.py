@@ -152,7 +152,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         raise ValueError(f"override {text!r} has an empty key part")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+    except Exception as exc:  # YAMLError, and e.g. ValueError from a timestamp like 2021-13-45
         raise ValueError(f"override {text!r}: cannot parse value {raw!r}: {exc}") from exc
     return parts, value
 
@@ -205,7 +205,7 @@ def load_config(
         with open(p) as f:
             try:
                 loaded = yaml.safe_load(f)
-            except yaml.YAMLError as exc:
+            except Exception as exc:  # YAMLError, UnicodeDecodeError, ValueError of a bad timestamp
                 raise ValueError(f"{p}: invalid YAML: {exc}") from exc
         if loaded is None:
             loaded = {}
@@ -224,7 +224,7 @@ def load_config(
         chosen = preset
     merged: dict[str, Any] = {}
     if chosen is not None:
-        if chosen not in PRESETS:
+        if not isinstance(chosen, str) or chosen not in PRESETS:
             hint = difflib.get_close_matches(str(chosen), list(PRESETS), n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {chosen!r}{extra}")

@@ -168,8 +168,15 @@ class RolloutConfig(TypedSection):
     engine: Literal["hf", "vllm"] = doc_field("hf", "Rollout engine: hf (transformers generate) or vllm.")
     n: int = doc_field(16, "Responses sampled per prompt (the group size; >= 2).")
     temperature: float = doc_field(1.0, "Sampling temperature for training rollouts (> 0).")
-    top_p: float = doc_field(1.0, "Nucleus sampling for training rollouts, in (0, 1].")
-    top_k: int = doc_field(-1, "Top-k sampling for training rollouts; -1 = off.")
+    top_p: float = doc_field(
+        1.0,
+        "Nucleus sampling for training rollouts, in (0, 1]. The engines report log-probs of the "
+        "truncated distribution and the trainer applies the same truncation (exact, vocab-parallel) "
+        "to old/new log-probs and the entropy (policy/truncation.py).",
+    )
+    top_k: int = doc_field(
+        -1, "Top-k sampling for training rollouts; -1 = off. Applied in the trainer too, as top_p."
+    )
     max_response_length: int = doc_field(20480, "Maximum generated tokens per response.")
     val_n: int = doc_field(32, "Responses per validation prompt (avg@val_n accuracy).")
     val_temperature: float = doc_field(1.0, "Validation sampling temperature (0 = greedy).")
@@ -273,6 +280,11 @@ class TrainerConfig(TypedSection):
         32, "Prompts per optimizer update (train_batch_size / this = updates per step)."
     )
     ppo_epochs: int = doc_field(1, "Passes over each step's batch.")
+    max_consecutive_skipped_steps: int = doc_field(
+        3,
+        "An optimizer step whose loss or gradient norm is NaN/inf is skipped (no update; counted in "
+        "train/skipped_steps); this many skipped in a row stop the run with an error.",
+    )
     total_steps: int = doc_field(100, "Training steps.")
     seed: int = doc_field(1, "Global seed (model init of new heads, sampling, dropout).")
     val_every: int = doc_field(5, "Validate every N steps; 0 = never.")
@@ -289,6 +301,7 @@ class TrainerConfig(TypedSection):
             "ppo_mini_batch_size",
             "ppo_epochs",
             "total_steps",
+            "max_consecutive_skipped_steps",
         ):
             self._require(getattr(self, name) >= 1, name, ">= 1")
         for name in ("val_every", "save_every"):

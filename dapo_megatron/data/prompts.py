@@ -103,15 +103,20 @@ def _check_row(row: Any, location: str, prompt_key: str) -> PromptRecord:
 def _iter_rows(path: Path):
     """Yield ``(location, row)`` for every row of a .parquet or .jsonl file."""
     if path.suffix == ".jsonl":
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with open(path, "rb") as f:  # decoded line by line, so a bad byte names its line
+            for lineno, raw in enumerate(f, 1):
                 location = f"{path} line {lineno}"
                 try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _fail(location, f"malformed row: not UTF-8 ({exc})") from exc
+                if not line.strip():
+                    continue
+                try:
                     row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise _fail(location, f"malformed row: invalid JSON ({exc})") from exc
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    message = f"malformed row: invalid JSON ({type(exc).__name__}: {exc})"
+                    raise _fail(location, message) from exc
                 yield location, row
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq

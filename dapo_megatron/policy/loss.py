@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from dapo_megatron.algo import (
     kl_penalty,
@@ -32,8 +33,10 @@ from dapo_megatron.algo import (
 from dapo_megatron.algo.config import AlgorithmConfig
 from dapo_megatron.algo.cov_loss import cov_policy_loss
 from dapo_megatron.algo.token_weighting import entropy_top_rho_weights
+from dapo_megatron.algo.truncation import OUTSIDE_SET_LOG_PROB
 from dapo_megatron.parallel.packing import unpack_token_values
 from dapo_megatron.policy.logprobs import vocab_parallel_log_probs
+from dapo_megatron.policy.truncation import vocab_parallel_truncate
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class LossSettings:
     # new, reference) and the entropy are those of ``softmax(logits / temperature)``, the
     # distribution the engine sampled.
     temperature: float = 1.0
+    # The rollouts' top-k / top-p: the same truncation of that distribution (policy/truncation.py).
+    top_k: int = -1
+    top_p: float = 1.0
     # ``seq-mean-token-sum-norm`` (Dr.GRPO) divides by ``#sequences * norm_length``, a constant
     # (``rollout.max_response_length``): never the width of a micro-batch, which depends on the
     # micro-batch size through trimming and includes prompt tokens. ``None``: that mode is refused.
@@ -86,6 +92,8 @@ def token_log_probs(
     chunk_size: int | None = None,
     sequence_major: bool = False,
     temperature: float = 1.0,
+    top_k: int = -1,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each token given its prefix, aligned with ``input_ids``: ``[b, s]``.
 
@@ -94,6 +102,11 @@ def token_log_probs(
     entropy is that of ``softmax(z / T)``; ``d out / d z = (1[j == t] - p_j) / T``. Old, new and
     reference log-probs all come from here, so they match the engine's (which samples from the
     tempered logits) and each other. ``T = 1`` skips the division.
+
+    ``top_k`` / ``top_p`` (the rollouts'): the softmax is over the kept set of
+    :mod:`dapo_megatron.policy.truncation` (exact, vocab-parallel), the distribution the engines
+    report processed log-probs of; a target outside it gets
+    :data:`~dapo_megatron.algo.truncation.OUTSIDE_SET_LOG_PROB` with zero gradient.
 
     ``out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`` for ``t >= 1``; ``out[:, 0] = 0``
     (the first token has no prediction). The entropy at ``t`` is that of the distribution that
@@ -112,8 +125,29 @@ def token_log_probs(
         raise ValueError(f"token_log_probs: temperature must be > 0, got {temperature}")
     if sequence_major:
         logits, targets = logits.transpose(0, 1), targets.t()
+    logp, ent = _sampling_log_probs(
+        logits, targets, tp_group, vocab_size, with_entropy, chunk_size, temperature, top_k, top_p
+    )
+    if sequence_major:
+        logp, ent = logp.t(), (ent.t() if ent is not None else None)
+    zeros = logp.new_zeros(logp.shape[0], 1)
+    logp = torch.cat([zeros, logp[:, : s - 1]], dim=1)
+    if ent is not None:
+        ent = torch.cat([zeros, ent[:, : s - 1]], dim=1)
+    return logp, ent
+
+
+def _sampling_log_probs(logits, targets, tp_group, vocab_size, with_entropy, chunk_size, temperature, top_k, top_p):
+    """Vocab-parallel log-probs / entropy of ``softmax(z / T)`` on the top-k / top-p kept set:
+    the one definition behind :func:`token_log_probs` and :func:`packed_token_log_probs`."""
     if temperature != 1.0:
         logits = logits / temperature  # keeps the strides of ``logits``: same gradient layout
+    truncated = top_k != -1 or top_p != 1.0
+    if truncated:
+        rank = dist.get_rank(group=tp_group) if tp_group is not None else 0
+        shard = logits.shape[-1]
+        num_valid = max(0, min(shard, vocab_size - rank * shard))
+        logits = vocab_parallel_truncate(logits, top_k=top_k, top_p=top_p, tp_group=tp_group, num_valid=num_valid)
     logp, ent = vocab_parallel_log_probs(
         logits,
         targets,
@@ -122,12 +156,11 @@ def token_log_probs(
         chunk_size=chunk_size,
         vocab_size=vocab_size,
     )
-    if sequence_major:
-        logp, ent = logp.t(), (ent.t() if ent is not None else None)
-    zeros = logp.new_zeros(logp.shape[0], 1)
-    logp = torch.cat([zeros, logp[:, : s - 1]], dim=1)
-    if ent is not None:
-        ent = torch.cat([zeros, ent[:, : s - 1]], dim=1)
+    if truncated:
+        # A masked target's logit is the fill (row max - 1e4), so its log-prob is <= -1e4; a kept
+        # one's is > -5e3 unless its probability underflows fp32 anyway. Constant: zero gradient.
+        outside = logp.detach() < OUTSIDE_SET_LOG_PROB / 2
+        logp = torch.where(outside, torch.full_like(logp, OUTSIDE_SET_LOG_PROB), logp)
     return logp, ent
 
 
@@ -140,6 +173,8 @@ def packed_token_log_probs(
     with_entropy: bool = False,
     chunk_size: int | None = None,
     temperature: float = 1.0,
+    top_k: int = -1,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """:func:`token_log_probs` for a packed micro-batch (:mod:`dapo_megatron.parallel.packing`).
 
@@ -152,15 +187,8 @@ def packed_token_log_probs(
     if not temperature > 0:
         raise ValueError(f"packed_token_log_probs: temperature must be > 0, got {temperature}")
     z = logits[0]
-    if temperature != 1.0:
-        z = z / temperature
-    logp, ent = vocab_parallel_log_probs(
-        z,
-        mb["targets"][0].to(z.device),
-        tp_group=tp_group,
-        with_entropy=with_entropy,
-        chunk_size=chunk_size,
-        vocab_size=vocab_size,
+    logp, ent = _sampling_log_probs(
+        z, mb["targets"][0].to(z.device), tp_group, vocab_size, with_entropy, chunk_size, temperature, top_k, top_p
     )
     logp, computed = unpack_token_values(logp, mb)
     if ent is not None:
@@ -192,6 +220,8 @@ def dapo_loss(
             with_entropy=True,
             chunk_size=settings.logprob_chunk_size,
             temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
         )
         mask = mb["response_mask"].bool() & computed
     else:
@@ -206,6 +236,8 @@ def dapo_loss(
             chunk_size=settings.logprob_chunk_size,
             sequence_major=True,  # GPTModel's own layout: no copies in its backward pass
             temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
         )
         mask = mb["response_mask"].bool()
     weights = mb.get("token_weights")

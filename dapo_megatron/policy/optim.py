@@ -9,6 +9,8 @@ uses the plain one, because Megatron's distributed optimizer asserts CUDA tensor
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -87,13 +89,40 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def optimizer_step(optimizer, scheduler):
-    """One optimizer update at the scheduled learning rate; returns ``optimizer.step()``'s result.
+def optimizer_step(optimizer, scheduler, *, loss_is_finite: bool = True) -> tuple[bool, float]:
+    """One optimizer update at the scheduled learning rate, unless the loss or the gradient norm is
+    not finite; returns ``(updated, grad_norm)``.
+
+    The steps of Megatron's own ``MegatronOptimizer.step`` / ``ChainedOptimizer.step``
+    (``prepare_grads`` -> global grad norm -> clip by it -> ``step_with_ready_grads``), with a check
+    between the norm and the update: a NaN/inf ``grad_norm`` (reduced over the model-parallel ranks
+    by Megatron, so the same on every rank), ``loss_is_finite=False`` (the caller reduces it over
+    all ranks) or fp16's found-inf skips the update. A skipped update changes no parameter, no
+    optimizer state and not the learning-rate schedule; the caller counts it.
 
     The scheduler advances *before* the update: Megatron's ``OptimizerParamScheduler`` sets
     ``lr = init_lr + (max_lr - init_lr) * num_steps / warmup`` and starts at ``num_steps = 0``
     (``init_lr = 0``), so stepping it after the update (Megatron-LM's order) would spend the first
     update at learning rate 0. Advancing first makes update ``k`` use ``num_steps = k``.
     """
+    # Looked up at call time: the CPU path (parallel/cpu.py) replaces this function.
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    found_inf = optimizer.prepare_grads()  # fp16: unscale, and the loss scaler backs off
+    grad_norm = float("nan") if found_inf else float(optimizer.get_grad_norm())
+    if found_inf or not loss_is_finite or not math.isfinite(grad_norm):
+        return False, grad_norm
     scheduler.step(increment=1)
-    return optimizer.step()
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(sub, "is_stub_optimizer", False) or sub.config.clip_grad <= 0:
+            continue
+        params = sub.get_parameters()
+        if params:
+            megatron_optimizer.clip_grad_by_total_norm_fp32(
+                params,
+                max_norm=sub.config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    optimizer.step_with_ready_grads()
+    return True, grad_norm

@@ -82,6 +82,7 @@ class PolicyTrainer:
         log_prob_micro_batch_size: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
         groups=None,
+        max_consecutive_skipped_steps: int | None = None,
     ):
         """``groups``: the :class:`~dapo_megatron.parallel.groups.ProcessGroups` of this rank
         (default: read once from Megatron's initialised parallel state)."""
@@ -114,6 +115,9 @@ class PolicyTrainer:
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         # CP splits packed sequences only, so CP implies packing (with or without a token budget).
         self.packing = max_tokens_per_micro_batch is not None or self.cp > 1
+        # Optimizer steps skipped in a row for a non-finite loss or gradient norm (across calls).
+        self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
+        self.consecutive_skipped_steps = 0
 
     def _micro_batches(self, batch, indices: range, micro_batch_size: int) -> list[dict]:
         """This rank's micro-batches of its local rows ``indices``: padded, or packed (the same
@@ -186,6 +190,8 @@ class PolicyTrainer:
                     vocab_size=vocab,
                     chunk_size=self.loss_settings.logprob_chunk_size,
                     temperature=self.loss_settings.temperature,
+                    top_k=self.loss_settings.top_k,
+                    top_p=self.loss_settings.top_p,
                 )
                 return mb["index"].cpu(), logp.float().cpu()
             width = mb["input_ids"].shape[1]
@@ -196,6 +202,8 @@ class PolicyTrainer:
                 vocab_size=vocab,
                 chunk_size=self.loss_settings.logprob_chunk_size,
                 temperature=self.loss_settings.temperature,
+                top_k=self.loss_settings.top_k,
+                top_p=self.loss_settings.top_p,
             )
             return mb["index"].cpu(), logp.float().cpu()
 
@@ -218,7 +226,11 @@ class PolicyTrainer:
         ``mini_batch_size`` local rows (the same count on every data-parallel rank), each normalised
         by its own global token count. The LR schedule advances once per optimizer step
         (:func:`~dapo_megatron.policy.optim.optimizer_step`); ``metrics["lr"]`` is the learning rate
-        of this call's first update."""
+        of this call's first update.
+
+        An update whose loss or gradient norm is NaN/inf is skipped (no optimizer step, no LR
+        step; counted in ``metrics["train/skipped_steps"]``, left out of the loss metrics); after
+        ``max_consecutive_skipped_steps`` skipped in a row (across calls) ``RuntimeError``."""
         if isinstance(batch, dict):
             batch = RolloutBatch.from_tensors(batch)
         n = batch.num_sequences
@@ -241,20 +253,45 @@ class PolicyTrainer:
                 mbs = self._micro_batches(batch, range(start, start + mini_batch_size), self.micro_batch_size)
                 self.model.zero_grad_buffer()
                 self.optimizer.zero_grad()
-                reports += run_microbatches(
+                mb_reports = run_microbatches(
                     self.model, mbs, loss_fn, forward_only=False, sequence_parallel_multiple=self.sp_multiple
                 )
-                ok, grad_norm, _ = optimizer_step(self.optimizer, self.scheduler)
-                lrs.append(self.optimizer.param_groups[0]["lr"])
-                skipped += int(not ok)
-                grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
+                loss_ok = self._loss_is_finite(mb_reports)
+                updated, grad_norm = optimizer_step(self.optimizer, self.scheduler, loss_is_finite=loss_ok)
+                lrs.append(self.optimizer.param_groups[0]["lr"])  # the rate the update ran at
+                if updated:
+                    reports += mb_reports  # a skipped update's NaN must not poison the step's metrics
+                    grad_norms.append(grad_norm)
+                    self.consecutive_skipped_steps = 0
+                    continue
+                skipped += 1
+                self.consecutive_skipped_steps += 1
+                limit = self.max_consecutive_skipped_steps
+                if limit is not None and self.consecutive_skipped_steps >= limit:
+                    raise RuntimeError(
+                        f"{self.consecutive_skipped_steps} consecutive optimizer steps skipped for a "
+                        f"non-finite {'gradient norm' if loss_ok else 'loss'} (last: grad_norm={grad_norm}) "
+                        f"reached trainer.max_consecutive_skipped_steps={limit}: the run is diverging "
+                        f"or its data holds NaN/inf"
+                    )
         totals = reduce_reports(
             reports, keys=LOSS_REPORT_KEYS, contributes=self.reports_metrics, group=self.groups.world
         )
         metrics = summarize_loss_metrics(totals)
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
-        metrics["grad_norm_max"] = max(grad_norms)
+        # Over the updates applied (NaN if every update of this call was skipped).
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        metrics["grad_norm_max"] = max(grad_norms) if grad_norms else float("nan")
         metrics["num_updates"] = len(grad_norms)
-        metrics["skipped_updates"] = skipped
+        metrics["train/skipped_steps"] = skipped
         metrics["lr"] = lrs[0]
         return metrics
+
+    def _loss_is_finite(self, reports: list[dict]) -> bool:
+        """Whether every micro-batch loss of this update is finite, on every rank (one all-reduce)."""
+        bad = any(not torch.isfinite(r["loss_sum"]).all() for r in reports) if self.reports_metrics else False
+        flag = torch.tensor([float(bad)], dtype=torch.float64)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            from dapo_megatron.parallel.exchange import all_reduce_cpu
+
+            flag = all_reduce_cpu(flag, op=torch.distributed.ReduceOp.MAX)
+        return not bool(flag.item())

@@ -9,24 +9,40 @@ not the trainer's ``__main__``) with its own socket, so a single hung call can b
 (SIGKILL) and its worker replaced without touching the others: a call that hangs or raises gets
 the failure score and is counted in :class:`RewardStats`, and :meth:`RewardPool.compute` always
 returns within about ``timeout_s`` per wave of calls.
+
+Errors are not swallowed: the first traceback of the pool's life is logged once (later ones are
+only counted, ``reward/num_errors``), and a call in which *every* response failed with an error
+raises :class:`RewardFunctionError` naming the exception: a broken reward function would otherwise
+score everything ``failure_score`` and the run would die later with a misleading message.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-__all__ = ["DEFAULT_REWARD_FN", "RewardPool", "RewardStats", "load_reward_fn", "normalize_reward_output"]
+__all__ = [
+    "DEFAULT_REWARD_FN",
+    "RewardFunctionError",
+    "RewardPool",
+    "RewardStats",
+    "load_reward_fn",
+    "normalize_reward_output",
+]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_REWARD_FN = "dapo_megatron.rewards.math:compute_score"
 
@@ -100,7 +116,11 @@ def _worker_main(conn: Connection, fn_path: str) -> None:
         try:
             conn.send(("ok", (index, normalize_reward_output(fn(*args, **kwargs)))))
         except Exception as exc:
-            conn.send(("error", (index, f"{type(exc).__name__}: {exc}")))
+            conn.send(("error", (index, (f"{type(exc).__name__}: {exc}", traceback.format_exc()))))
+
+
+class RewardFunctionError(RuntimeError):
+    """Every call of one :meth:`RewardPool.compute` failed: the reward function is broken, not the data."""
 
 
 @dataclass
@@ -187,6 +207,7 @@ class RewardPool:
         self._workers: list[_Worker] = [_Worker(self.fn_path) for _ in range(num_workers)]
         self._restarts = 0
         self._closed = False
+        self._traceback_shown = False
         if self._workers:
             self._wait_ready(self._workers)
 
@@ -234,6 +255,18 @@ class RewardPool:
     def _failure(self) -> dict[str, Any]:
         return {"score": self.failure_score, "acc": False, "pred": ""}
 
+    def _error(self, stats: RewardStats, errors: list[tuple[str, str]], summary: str, tb: str) -> None:
+        """Count one failed call; log the pool's first traceback, once."""
+        stats.num_errors += 1
+        errors.append((summary, tb))
+        if not self._traceback_shown:
+            self._traceback_shown = True
+            logger.error(
+                "reward function %r failed (shown once; later failures are counted in reward/num_errors):\n%s",
+                self.fn_path,
+                tb.rstrip(),
+            )
+
     def compute(
         self,
         responses: Sequence[str],
@@ -262,17 +295,24 @@ class RewardPool:
         restarts_before = self._restarts
         results: list[dict[str, Any] | None] = [None] * len(responses)
         kwargs = [dict(k) for k in extra_kwargs] if extra_kwargs is not None else [{}] * len(responses)
+        errors: list[tuple[str, str]] = []
         if not self._workers:
             for i, (resp, gt) in enumerate(zip(responses, ground_truths)):
                 try:
                     results[i] = normalize_reward_output(self.fn(resp, gt, **kwargs[i]))
-                except Exception:
-                    stats.num_errors += 1
+                except Exception as exc:
+                    self._error(stats, errors, f"{type(exc).__name__}: {exc}", traceback.format_exc())
                     results[i] = self._failure()
         else:
-            self._run_parallel(responses, ground_truths, kwargs, results, stats)
+            self._run_parallel(responses, ground_truths, kwargs, results, stats, errors)
         stats.num_worker_restarts = self._restarts - restarts_before
         stats.elapsed_s = time.monotonic() - start
+        if responses and stats.num_errors == len(responses):
+            summary, tb = errors[0]
+            raise RewardFunctionError(
+                f"reward function {self.fn_path!r} failed on all {len(responses)} responses of this call; "
+                f"first error: {summary}\n{tb.rstrip()}"
+            )
         return [r if r is not None else self._failure() for r in results], stats
 
     def _run_parallel(
@@ -282,6 +322,7 @@ class RewardPool:
         kwargs: list[dict[str, Any]],
         results: list[dict[str, Any] | None],
         stats: RewardStats,
+        errors: list[tuple[str, str]],
     ) -> None:
         todo = deque(range(len(responses)))
         remaining = len(responses)
@@ -306,7 +347,9 @@ class RewardPool:
                     except (EOFError, OSError):  # the worker died (segfault, os._exit, OOM kill)
                         if w.task is not None:
                             results[w.task] = self._failure()
-                            stats.num_errors += 1
+                            code = w.proc.poll()
+                            summary = f"the reward worker process died (exit code {code})"
+                            self._error(stats, errors, summary, summary)
                             remaining -= 1
                         self._replace(w)
                         continue
@@ -315,7 +358,7 @@ class RewardPool:
                         results[index] = value
                     else:
                         results[index] = self._failure()
-                        stats.num_errors += 1
+                        self._error(stats, errors, *value)
                     w.task = None
                     remaining -= 1
                 elif w.task is not None and time.monotonic() >= w.deadline:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dapo_megatron.algo.truncation import truncate_logits
 from dapo_megatron.rollout.types import Response, SamplingConfig
 from dapo_megatron.rollout.validation import (
     check_generate_inputs,
@@ -27,27 +28,6 @@ from dapo_megatron.utils.dtypes import torch_dtype
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or ``fp32``..., or a torch dtype) -> torch dtype."""
     return torch_dtype(dtype)
-
-
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k / top-p (nucleus) set to ``-inf``; ``logits``: ``[B, V]`` fp32.
-
-    top-k keeps tokens whose logit is >= the k-th largest; top-p then keeps, in descending
-    probability order, every token whose preceding cumulative probability is < ``top_p`` (so the
-    most likely token is always kept).
-    """
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop_sorted = mass_before >= top_p
-        drop_sorted[:, 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
 
 
 class HFEngine:
@@ -172,7 +152,10 @@ class HFEngine:
                 logp = torch.log_softmax(logits, dim=-1)
                 next_ids = logits.argmax(dim=-1).cpu()
             else:
-                scaled = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+                # The kept set the trainer uses too (one definition: algo/truncation.py)
+                scaled = truncate_logits(
+                    logits / sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p
+                )
                 logp = torch.log_softmax(scaled, dim=-1)
                 probs = logp.exp().cpu()
                 next_ids = torch.zeros(batch, dtype=torch.long)

@@ -14,8 +14,12 @@ What the engine sets up, and why (measured facts in ``shared/VLLM_CPU.md``):
 - ``enforce_eager=True``; ``enable_chunked_prefill=False``: per-request seeds crash with chunked
   prefill on the CPU build (``CPU Generator does not use offset``).
 - ``logprobs_mode="processed_logprobs"`` with ``logprobs=0``: the log-prob of each sampled token
-  under the distribution it was drawn from (temperature, top-k, top-p applied), the same quantity
-  the HF engine returns (see :class:`~dapo_megatron.rollout.Response`).
+  under the distribution it was drawn from, the same quantity the HF engine returns and the
+  trainer computes (see :class:`~dapo_megatron.rollout.Response` and
+  :mod:`dapo_megatron.policy.truncation`). In vLLM 0.32 (``v1/sample/sampler.py``,
+  ``ops/topk_topp_sampler.py``) that is ``log_softmax`` of the logits divided by the temperature,
+  then masked by ``apply_top_k_top_p`` (top-k: ``< k-th`` dropped; top-p: ascending cumulative
+  mass ``<= 1 - top_p`` dropped); the default ``raw_logprobs`` would be the untempered logits.
 - Weights: ``collective_rpc("reload_weights", weights_iterator=...)`` (re-runs the CPU backend's
   weight repacking), then ``reset_prefix_cache()``: without the reset, prompts longer than one KV
   block reuse the KV cache computed with the old weights.

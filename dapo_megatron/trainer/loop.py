@@ -97,6 +97,8 @@ class DapoTrainer:
             LossSettings(
                 algorithm=cfg.algorithm,
                 temperature=cfg.rollout.temperature,
+                top_k=cfg.rollout.top_k,
+                top_p=cfg.rollout.top_p,
                 norm_length=cfg.rollout.max_response_length,
                 logprob_chunk_size=LOGPROB_CHUNK_TOKENS,
             ),
@@ -104,6 +106,7 @@ class DapoTrainer:
             log_prob_micro_batch_size=p.log_prob_micro_batch_size,
             max_tokens_per_micro_batch=p.max_tokens_per_micro_batch,
             groups=self.groups,
+            max_consecutive_skipped_steps=cfg.trainer.max_consecutive_skipped_steps,
         )
         self.reference = None  # the frozen initial policy of the KL penalty; only when kl_coef > 0
         if cfg.algorithm.kl_coef > 0:
@@ -224,7 +227,9 @@ class DapoTrainer:
         return {"ref_kl/mean": tot["kl_sum"] / max(tot["tokens"], 1.0)}
 
     def _mismatch(self, batch) -> dict[str, float]:
-        """Trainer vs engine log-probs of the same tokens, reduced over all sequences."""
+        """Trainer vs engine log-probs of the same tokens, reduced over all sequences: both of the
+        distribution sampled (temperature, top-k, top-p: engine processed log-probs, trainer
+        truncation of policy/truncation.py), so only numerics separate them."""
         from dapo_megatron.policy.metrics import reduce_reports
 
         mask = batch.response_mask.bool()
