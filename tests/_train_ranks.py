@@ -17,8 +17,11 @@ def dapo_update(
     dtype="fp32",
     recompute="none",
     ep=1,
+    updates_per_step=1,
 ):
     """One DAPO update (possibly several mini-batches) of every model in ``hf_dirs`` at (tp, pp, sp, ep).
+
+    ``updates_per_step`` goes to ``build_optimizer`` (it scales the warm-up given in training steps).
 
     Rank 0 returns {arch: (metrics, grads of the last mini-batch, updated weights)} in HF names.
     """
@@ -40,7 +43,11 @@ def dapo_update(
         loaded = build_model_from_hf(hf_dir, layout, dtype=dtype, recompute=recompute)
         _, use_dist = wrap_ddp(loaded)
         optimizer, scheduler = build_optimizer(
-            loaded, OptimizerConfig(**opt), total_steps=10, use_distributed_optimizer=use_dist
+            loaded,
+            OptimizerConfig(**opt),
+            total_steps=10,
+            use_distributed_optimizer=use_dist,
+            updates_per_step=updates_per_step,
         )
         trainer = PolicyTrainer(
             loaded, optimizer, scheduler, LossSettings(), micro_batch_size=micro_batch_size

@@ -248,10 +248,11 @@ class OptimizerConfig(TypedSection):
     clip_grad: float = doc_field(1.0, "Global gradient-norm clip; 0 = off.")
     lr_warmup_steps: int = doc_field(
         20,
-        "Linear warm-up length in optimizer steps (one per mini-batch update, i.e. "
-        "train_batch_size / ppo_mini_batch_size * ppo_epochs per training step): update k "
-        "(1-based) runs at lr * min(1, k / lr_warmup_steps), so the first update uses "
-        "lr / lr_warmup_steps; 0 = no warm-up.",
+        "Linear warm-up length in training steps (rollout batches, the DAPO paper's unit: "
+        "20). The ramp is per optimizer update: with U = train_batch_size / "
+        "ppo_mini_batch_size * ppo_epochs updates per training step, update k (1-based, "
+        "counted over the run) runs at lr * min(1, k / (lr_warmup_steps * U)), so the first "
+        "update uses lr / (lr_warmup_steps * U), not 0; 0 = no warm-up.",
     )
     lr_schedule: Literal["constant", "cosine"] = doc_field("constant", "Schedule after warmup.")
 

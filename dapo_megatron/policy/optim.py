@@ -44,10 +44,13 @@ def build_optimizer(
 ):
     """Megatron optimizer + scheduler from ``dapo_megatron.config.OptimizerConfig``.
 
-    The schedule counts optimizer steps (one per mini-batch update, as Megatron-LM's
-    ``--lr-warmup-iters``): ``total_steps * updates_per_step`` of them in the run. Use
+    ``total_steps`` and ``opt_cfg.lr_warmup_steps`` count training steps (rollout batches, as in
+    the DAPO paper's "20 rollout steps" of warm-up); each is ``updates_per_step`` optimizer steps
+    (mini-batch updates). Megatron's scheduler counts optimizer steps (as Megatron-LM's
+    ``--lr-warmup-iters``), so it gets ``W = lr_warmup_steps * updates_per_step`` warm-up and
+    ``total_steps * updates_per_step`` steps in all, and the ramp is per update. Use
     :func:`optimizer_step` for every update, so that update ``k`` (1-based) runs at
-    ``lr * min(1, k / lr_warmup_steps)``: the first update uses ``lr / lr_warmup_steps``, not 0.
+    ``lr * min(1, k / W)``: the first update uses ``lr / W``, not 0.
     """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -72,7 +75,7 @@ def build_optimizer(
     )
     if config.fp16 or config.bf16:
         config.grad_scale_func = optimizer.scale_loss
-    warmup = opt_cfg.lr_warmup_steps
+    warmup = opt_cfg.lr_warmup_steps * updates_per_step
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup else opt_cfg.lr,
