@@ -16,7 +16,8 @@ Two pairs, each side by side in one run on the same model object, prompts, ``n``
   ``logprobs=0``, the same stop ids), written out here without engine code.
 
 Shapes: ``demo``: the CPU demo (32 prompts x 8 responses, 16 new tokens, the demo model of
-``dapo_megatron.demo.model.make_demo_model``, its chat-template prompts); ``smollm2``:
+``dapo_megatron.demo.model.make_demo_model``, its chat-template prompts; for vLLM its head_dim-32
+variant, see :func:`model_dir_for`); ``smollm2``:
 SmolLM2-135M-Instruct (``tools/prepare_smollm2.py``) with 128-token responses, fewer prompts so it
 runs in a few minutes. fp32, temperature 1, one torch thread (vLLM's OpenMP binding off, so it runs
 on the same single thread).
@@ -52,14 +53,18 @@ SEED = 1234
 # ----------------------------------------------------------------------------- models and prompts
 
 
-def model_dir_for(shape: str, models_dir: Path) -> Path:
-    """The HF model folder of ``shape``, built (demo, ~30 s) or converted (SmolLM2, ~40 s) if absent."""
+def model_dir_for(shape: str, kind: str, models_dir: Path) -> Path:
+    """The HF model folder of ``shape`` for engine ``kind``, built (demo, ~30 s) or converted
+    (SmolLM2, ~40 s) if absent. The vLLM CPU build has no attention kernel for the demo model's
+    head_dim 16, so its demo model splits the same projections into 2 query / 1 key-value heads of
+    32 (same parameter count and FLOPs, warm-started the same way)."""
     if shape == "demo":
         from dapo_megatron.demo.model import make_demo_model
 
-        out = models_dir / "demo"
+        heads = dict(num_heads=2, num_kv_heads=1) if kind == "vllm" else {}
+        out = models_dir / ("demo-head32" if heads else "demo")
         if not (out / "config.json").is_file():
-            make_demo_model(out)
+            make_demo_model(out, **heads)
         return out
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from prepare_smollm2 import is_complete, prepare
@@ -70,16 +75,25 @@ def model_dir_for(shape: str, models_dir: Path) -> Path:
     return out
 
 
-def make_prompts(model_dir: Path, num: int) -> list[list[int]]:
-    """``num`` demo-task questions through the model's own chat template, as token ids."""
+STORY_TOPICS = ("a lighthouse keeper", "a lost map", "the first snow", "a robot gardener")
+
+
+def make_prompts(shape: str, model_dir: Path, num: int) -> list[list[int]]:
+    """``num`` prompts through the model's own chat template, as token ids: demo-task questions
+    (demo; answers of ~4 tokens), or requests for a long story (smollm2), so that most rows run to
+    the 128-token limit on both sides and both do the same work whatever their random streams."""
     from transformers import AutoTokenizer
 
     from dapo_megatron.data.prompts import format_prompt
     from dapo_megatron.demo.task import make_demo_rows
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = make_demo_rows(num, seed=0, split="val")
-    texts = [format_prompt(r["prompt"], tokenizer, apply_chat_template=True) for r in rows]
+    if shape == "demo":
+        messages = [r["prompt"] for r in make_demo_rows(num, seed=0, split="val")]
+    else:
+        topics = [STORY_TOPICS[i % len(STORY_TOPICS)] for i in range(num)]
+        messages = [[{"role": "user", "content": f"Write a long story about {t}."}] for t in topics]
+    texts = [format_prompt(m, tokenizer, apply_chat_template=True) for m in messages]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
@@ -181,16 +195,19 @@ PAIRS = {"hf": (hf_pair, "transformers generate"), "vllm": (vllm_pair, "bare vll
 def time_pair(ours: Callable, library: Callable, repeats: int) -> dict:
     """Warm up both, then ``repeats`` alternating rounds; seconds and token counts per side."""
     sides = {"ours": ours, "library": library}
-    for fn in sides.values():
+    for name, fn in sides.items():
+        start = time.perf_counter()
         fn()
+        print(f"    warm-up {name}: {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {k: [] for k in sides}
     tokens: dict[str, list[int]] = {k: [] for k in sides}
-    for _ in range(repeats):
+    for rnd in range(repeats):
         for name, fn in sides.items():
             start = time.perf_counter()
             count = fn()
             times[name].append(time.perf_counter() - start)
             tokens[name].append(count)
+            print(f"    round {rnd + 1} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
     tok_s = {k: statistics.median(c / t for c, t in zip(tokens[k], times[k])) for k in sides}
     return {
         "times_s": times,
@@ -207,10 +224,10 @@ def run_benchmark(shapes: list[str], engines: list[str], repeats: int, models_di
     results = []
     for shape in shapes:
         spec = SHAPES[shape]
-        model_dir = model_dir_for(shape, models_dir)
-        prompts = make_prompts(model_dir, spec["prompts"])
         sampling = SamplingConfig(temperature=1.0, max_new_tokens=spec["max_new_tokens"], seed=SEED)
         for kind in engines:
+            model_dir = model_dir_for(shape, kind, models_dir)
+            prompts = make_prompts(shape, model_dir, spec["prompts"])
             make, library_name = PAIRS[kind]
             ours, library, close = make(model_dir, prompts, spec["n"], sampling)
             try:
@@ -218,7 +235,7 @@ def run_benchmark(shapes: list[str], engines: list[str], repeats: int, models_di
             finally:
                 close()
                 gc.collect()
-            r.update(shape=shape, engine=kind, library=library_name, **spec)
+            r.update(shape=shape, engine=kind, library=library_name, model=model_dir.name, **spec)
             r["prompt_tokens"] = sum(len(p) for p in prompts)
             results.append(r)
             print_result(r, flush=True)
@@ -228,7 +245,7 @@ def run_benchmark(shapes: list[str], engines: list[str], repeats: int, models_di
 def print_result(r: dict, flush: bool = False) -> None:
     med, tps = r["median_s"], r["tokens_per_s"]
     print(
-        f"[{r['shape']}] {r['prompts']} prompts x {r['n']} responses, {r['max_new_tokens']} new tokens, "
+        f"[{r['shape']}, {r['model']}] {r['prompts']} prompts x {r['n']} responses, {r['max_new_tokens']} new tokens, "
         f"median of {len(r['times_s']['ours'])}",
         flush=flush,
     )

@@ -22,7 +22,7 @@ def create_engine(
     """Build a rollout engine of ``kind`` (``"hf"`` or ``"vllm"``) on the HF model in ``model_dir``.
 
     ``options`` go to the engine class: :class:`~dapo_megatron.rollout.hf_engine.HFEngine`
-    (``device``, ``max_model_len``, ``max_batch_rows``) or
+    (``device``, ``max_model_len``, ``kv_cache_gib``, ``max_batch_rows``) or
     :class:`~dapo_megatron.rollout.vllm_engine.VLLMEngine` (``max_model_len``, ``kv_cache_gib``,
     ``enable_sleep_mode`` and any other ``vllm.LLM`` keyword). Raises ``ImportError`` naming the
     extra to install when ``kind="vllm"`` and vLLM is missing.
