@@ -15,6 +15,7 @@ import errno
 import pytest
 import torch
 
+from dapo_megatron import checkpointing
 from dapo_megatron.trainer import checkpoint as ckpt
 
 
@@ -34,8 +35,8 @@ def _optimizer_file_state():
 def test_roundtrip_weights_only(tmp_path):
     state = _optimizer_file_state()
     f = tmp_path / "rank_00000.pt"
-    ckpt._save_file(state, f)
-    back = ckpt._load_file(f, "optimizer state", ("optimizer", "scheduler", "rng"))
+    checkpointing.save_file(state, f)
+    back = checkpointing.load_file(f, "optimizer state", ("optimizer", "scheduler", "rng"))
     exp_avg = state["optimizer"]["state"][0]["exp_avg"]
     assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], exp_avg)
     assert torch.equal(back["rng"]["cpu"], state["rng"]["cpu"])
@@ -50,7 +51,7 @@ def test_truncated_file_names_path(tmp_path, keep):
     n = int(len(data) * keep) if isinstance(keep, float) else keep
     f.write_bytes(data[:n])
     with pytest.raises(ValueError) as e:
-        ckpt._load_file(f, "optimizer state")
+        checkpointing.load_file(f, "optimizer state")
     msg = str(e.value)
     assert str(f) in msg and "optimizer state" in msg and "\n" not in msg
 
@@ -64,14 +65,14 @@ def test_corrupt_bytes_names_path(tmp_path):
         data[i] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=str(f)):
-        ckpt._load_file(f, "optimizer state")
+        checkpointing.load_file(f, "optimizer state")
 
 
 def test_pickled_code_refused(tmp_path):
     f = tmp_path / "trainer_state.pt"
     torch.save({"step": 3, "obj": argparse.Namespace(x=1)}, f)  # outside the weights_only allow-list
     with pytest.raises(ValueError) as e:
-        ckpt._load_file(f, "trainer state")
+        checkpointing.load_file(f, "trainer state")
     assert str(f) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -79,7 +80,7 @@ def test_file_of_another_kind_names_field(tmp_path):
     f = tmp_path / "rank_00000.pt"
     torch.save({"model": torch.zeros(2)}, f)
     with pytest.raises(ValueError) as e:
-        ckpt._load_file(f, "optimizer state", ("optimizer", "scheduler", "rng"))
+        checkpointing.load_file(f, "optimizer state", ("optimizer", "scheduler", "rng"))
     msg = str(e.value)
     assert str(f) in msg and "optimizer" in msg and "scheduler" in msg and "rng" in msg
 
@@ -100,10 +101,10 @@ def test_enospc_write_names_path_and_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", failing_save)
     target = tmp / "rank_00000.pt"
     with pytest.raises(OSError) as e:
-        ckpt._save_file(_optimizer_file_state(), target)
+        checkpointing.save_file(_optimizer_file_state(), target)
     monkeypatch.setattr(torch, "save", real_save)
     assert e.value.errno == errno.ENOSPC
     assert str(target) in str(e.value)
     assert ckpt.latest_checkpoint(save_dir) == prev
     with pytest.raises(ValueError, match=str(target)):  # the partial file itself is refused by name
-        ckpt._load_file(target, "optimizer state")
+        checkpointing.load_file(target, "optimizer state")
