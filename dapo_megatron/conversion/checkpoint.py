@@ -42,7 +42,7 @@ from dapo_megatron.checkpointing import (
 FORMAT_VERSION = 1
 METADATA_FILE = "dapo_metadata.json"
 HF_FILES_DIR = "hf_files"
-MODEL_SUBDIR = "model"  # where a trainer checkpoint keeps its model part
+MODEL_SUBDIR = "model"  # where trainer checkpoints before the optimizer moved in kept the model
 # Files copied from an HF model directory besides config.json and the weights.
 HF_EXTRA_FILES = (
     "tokenizer.json",
@@ -197,8 +197,8 @@ def save_sharded_model(model, out_dir: str | Path) -> None:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """The model checkpoint inside ``path``: ``path`` itself (a converted checkpoint) or
-    ``path/model`` (a trainer checkpoint, whose optimizer state is ignored)."""
+    """The model checkpoint inside ``path``: ``path`` itself (a converted checkpoint, or a trainer
+    checkpoint, whose optimizer state is ignored) or ``path/model`` (older trainer checkpoints)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"Megatron checkpoint directory {path} does not exist")
