@@ -32,7 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
+# What a failed save or load raises: torch.distributed.checkpoint's collective error derives from
+# BaseException, not Exception.
+FAILURES = (Exception, CheckpointException)
 TMP_MARK = ".tmp-"
 _DELETING_MARK = ".deleting-"
 
@@ -114,8 +118,8 @@ def _describe(e: BaseException) -> tuple[int | None, str, bool, int | None]:
     the rank the root cause happened on, where the exception says so."""
     root, rank = _innermost(e)
     text = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
-    if not isinstance(root, OSError):
-        text = f"{type(root).__name__}: {text}"
+    if not isinstance(root, OSError):  # torch's messages are paragraphs: the first sentence
+        text = f"{type(root).__name__}: {text.split('. ')[0]}"
     code = getattr(root, "errno", None)
     if code is None and (m := _ERRNO.search(text)):
         code = int(m.group(1))
@@ -211,7 +215,7 @@ def atomic_directory(
     local: BaseException | None = None
     try:
         yield tmp
-    except Exception as e:  # agreed on below, then re-raised on every rank
+    except FAILURES as e:  # agreed on below, then re-raised on every rank
         local = e
     _finish(ranks, final, tmp, local)
 
@@ -233,11 +237,12 @@ def _finish(ranks: _Ranks, final: Path, tmp: Path, local: BaseException | None) 
         failed = [rename_error]
     if ranks.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+    ranks.broadcast(None)  # every rank raises only once the temporary directory is gone
     reporter, code, text, _, origin = next((f for f in failed if f[3]), failed[0])
     rank = reporter if origin is None else origin
     where = f" on rank {rank}" if ranks.dist is not None else ""
     msg = f"writing checkpoint {final} failed{where}: {text} ({final} was not created)"
-    if local is not None and not isinstance(local, OSError):
+    if isinstance(local, Exception) and not isinstance(local, OSError):
         raise local
     raise CheckpointWriteError(code or errno_mod.EIO, msg) from local
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dapo_megatron.checkpointing.protocol import CheckpointError, _describe
+from dapo_megatron.checkpointing.protocol import FAILURES, CheckpointError, _describe
 
 OPTIMIZER_KEY = "optimizer"
 # Megatron-LM's sharded_state_dict metadata; 'fully_reshardable' = per-parameter tensors in model
@@ -80,10 +80,10 @@ def check_files(directory: str | Path) -> None:
             )
 
 
-def find_unreadable_item(directory: str | Path) -> str | None:
+def find_unreadable_item(directory: str | Path, max_bytes: int = 16 << 30) -> str | None:
     """``"<file>: item <key> at byte <offset>: <error>"`` for the first tensor chunk of the dist
-    checkpoint in ``directory`` that does not deserialize, or ``None`` (reads every chunk: only
-    for explaining a failed load)."""
+    checkpoint in ``directory`` that does not deserialize, or ``None`` if none does within the
+    first ``max_bytes`` read (only for explaining a failed load: it reads the chunks)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -94,6 +94,9 @@ def find_unreadable_item(directory: str | Path) -> str | None:
     ):
         if not isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata):
             continue
+        max_bytes -= info.length
+        if max_bytes < 0:
+            return None
         path = directory / info.relative_path
         with open(path, "rb") as f:
             f.seek(info.offset)
@@ -114,7 +117,7 @@ def load_sharded(sharded_state_dict: dict, directory: str | Path) -> dict[str, A
     check_files(directory)
     try:
         return dist_checkpointing.load(sharded_state_dict, str(directory))
-    except Exception as e:
+    except FAILURES as e:
         try:
             where = find_unreadable_item(directory)
         except Exception:  # noqa: BLE001 - the explanation must not hide the original error

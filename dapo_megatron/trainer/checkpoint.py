@@ -10,7 +10,8 @@ Layout of ``<save_dir>/step_000012/``::
                             as a converted model checkpoint: the directory loads and exports
                             as one (``tools/convert_megatron_to_hf.py``, ``model.megatron_checkpoint``)
     trainer_state.pt        step, data cursor, dynamic-sampler state, generation round, scheduler,
-                            the layout it was written at (written by rank 0, read by every rank)
+                            the layout and optimizer kind it was written with (written by rank 0,
+                            read by every rank)
     rng/rank_00003.pt       RNG states of global rank 3
 
 The directory is written with the package's one atomic-save protocol
@@ -19,9 +20,11 @@ a failed write on any rank (e.g. ``ENOSPC`` in a dist-checkpoint writer) raises 
 naming the checkpoint, the rank and the file, and leaves the previous checkpoint the newest one.
 
 Resume at the layout it was written at is exact. At another layout (fewer or more ranks, another
-TP/PP/DP split, the distributed or the plain optimizer) the model and the optimizer state reshard,
-so training continues with the same weights and Adam moments; only the per-rank RNG streams are
-not restored then (they are tied to ranks; the freshly seeded ones are used, as Megatron-LM does).
+TP/PP/DP split) the model and the optimizer state reshard, for the distributed and for the plain
+optimizer, so training continues with the same weights and Adam moments; only the per-rank RNG
+streams are not restored then (they are tied to ranks; the freshly seeded ones are used, as
+Megatron-LM does). The optimizer kind must match the one the checkpoint was written with (the two
+keep different non-tensor state in Megatron's format); a mismatch is an error naming the setting.
 
 Files are read with ``torch.load(weights_only=True)``; a truncated, corrupt or foreign file or data
 shard is one error line naming the file.
@@ -38,6 +41,7 @@ import torch.distributed as dist
 
 from dapo_megatron.checkpointing import (
     OPTIMIZER_KEY,
+    CheckpointError,
     atomic_directory,
     load_file,
     load_optimizer_state,
@@ -80,6 +84,14 @@ def current_layout() -> dict[str, int]:
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
     }
+
+
+def optimizer_kind(optimizer) -> str:
+    """``"distributed"`` or ``"plain"``: which Megatron optimizer ``optimizer`` is (or chains)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
 
 
 def _rng_file(path: Path, rank: int) -> Path:
@@ -130,7 +142,12 @@ def save_checkpoint(
         if rank == 0:
             metadata.source = f"trainer step {step}"
             write_metadata(tmp, metadata, hf_dir)
-            state = {**(trainer_state or {}), "scheduler": scheduler.state_dict(), "layout": layout}
+            state = {
+                **(trainer_state or {}),
+                "scheduler": scheduler.state_dict(),
+                "layout": layout,
+                "optimizer_kind": optimizer_kind(optimizer),
+            }
             save_file(state, tmp / TRAINER_STATE_FILE)
     if rank == 0:
         prune(save_dir, STEP_DIR, keep_last)
@@ -143,7 +160,15 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> dict[st
     """Restore model, optimizer and scheduler (at any layout) and, at the layout the checkpoint
     was written at, this rank's RNG states; return the trainer state (collective)."""
     ckpt, metadata = validate_checkpoint(path)
-    trainer_state = load_file(ckpt / TRAINER_STATE_FILE, "trainer state", ("step", "scheduler", "layout"))
+    state_file = ckpt / TRAINER_STATE_FILE
+    trainer_state = load_file(state_file, "trainer state", ("step", "scheduler", "layout", "optimizer_kind"))
+    written_kind, kind = trainer_state.pop("optimizer_kind"), optimizer_kind(optimizer)
+    if written_kind != kind:
+        raise CheckpointError(
+            f"{state_file}: the checkpoint holds the state of the {written_kind} optimizer but this run "
+            f"uses the {kind} one; set optimizer.use_distributed_optimizer="
+            f"{str(written_kind == 'distributed').lower()} to resume from it"
+        )
     gpt = unwrap_model(model)
     check_model_fits(gpt, ckpt, metadata)
     request = model_and_optimizer_state(gpt, optimizer, is_loading=True)
