@@ -22,7 +22,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 def _layout(spec: str):
     """``"TP2xPP2"``, ``"TP1xDP2"``, ``"DP2"``... -> ParallelLayout (DP is what the world leaves)."""
-    from dapo_megatron.models import ParallelLayout
+    from dapo_megatron.parallel.layout import ParallelLayout
 
     sizes = {"TP": 1, "PP": 1, "DP": 1}
     for part in spec.split("x"):
