@@ -3,6 +3,39 @@
 import torch
 
 
+def distributed_optimizer_tensors(optimizer, pick) -> dict:
+    """{model parameter: whole tensor of the parameter's shape} for every parameter of the
+    distributed optimizers in ``optimizer`` (collective over their data-parallel group).
+
+    Each DP rank holds a flat shard of every per-parameter quantity (fp32 master weights, their
+    gradients, Adam moments); ``pick(states)`` selects one from the dict Megatron keeps for a
+    parameter's shard on this rank ({"param", "exp_avg", "exp_avg_sq"}). The shards are put at
+    their offsets in zeros and summed over the DP group: the whole tensor, on every rank."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    out = {}
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        for p in (p for buf in inner.buffers for p in buf.params):
+            whole = torch.zeros(p.numel(), dtype=torch.float32)
+            if p in inner.model_param_gbuf_map:
+                gbuf, dtype, bucket = inner.model_param_gbuf_map[p]
+                rng = inner.gbuf_ranges[gbuf][dtype][bucket]["param_map"][p]["param"]
+                whole[rng.start : rng.end] = pick(inner._get_main_param_and_optimizer_states(p)).detach()
+            torch.distributed.all_reduce(whole, group=inner.data_parallel_group)
+            out[p] = whole.view(p.shape)
+    return out
+
+
+def clipped_grad_getter(optimizer):
+    """The last update's clipped gradient of a parameter, whole on every rank. Plain optimizer:
+    ``main_grad`` (all-reduced over DP, clipped in place). Distributed optimizer: the gradient of
+    each rank's shard of the master weights, put together over DP."""
+    sharded = distributed_optimizer_tensors(optimizer, lambda states: states["param"].grad)
+    return lambda p: sharded[p] if p in sharded else p.main_grad
+
+
 def dapo_update(
     rank,
     world_size,
@@ -18,6 +51,7 @@ def dapo_update(
     recompute="none",
     ep=1,
     updates_per_step=1,
+    use_distributed_optimizer=None,
 ):
     """One DAPO update (possibly several mini-batches) of every model in ``hf_dirs`` at (tp, pp, sp, ep).
 
@@ -41,7 +75,7 @@ def dapo_update(
     out = {}
     for arch_name, hf_dir in hf_dirs.items():
         loaded = build_model_from_hf(hf_dir, layout, dtype=dtype, recompute=recompute)
-        _, use_dist = wrap_ddp(loaded)
+        _, use_dist = wrap_ddp(loaded, use_distributed_optimizer=use_distributed_optimizer)
         optimizer, scheduler = build_optimizer(
             loaded,
             OptimizerConfig(**opt),
@@ -57,7 +91,10 @@ def dapo_update(
         dp, dp_rank = trainer.groups.dp_size, trainer.groups.dp_rank
         mine = assign_data_parallel(full.seq_lengths.tolist(), mini_batch_size=mini_batch_size, dp=dp)[dp_rank]
         metrics = trainer.update(full.select(mine), mini_batch_size=mini_batch_size // dp)
-        grads = loaded.hf_state_dict(getter=lambda p: p.main_grad)
+        grads = loaded.hf_state_dict(getter=clipped_grad_getter(optimizer))
+        metrics["distributed_optimizer"] = type(optimizer.chained_optimizers[0]).__name__ == (
+            "DistributedOptimizer"
+        )
         weights = loaded.hf_state_dict(dtype=torch.float32)
         if dtype != "fp32":  # what the optimizer steps: fp32 master copies of the bf16 parameters
             metrics["master_dtypes"] = sorted(

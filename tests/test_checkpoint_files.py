@@ -15,6 +15,7 @@ import errno
 import pytest
 import torch
 
+from dapo_megatron import checkpointing
 from dapo_megatron.trainer import checkpoint as ckpt
 
 
@@ -34,8 +35,8 @@ def _optimizer_file_state():
 def test_roundtrip_weights_only(tmp_path):
     state = _optimizer_file_state()
     f = tmp_path / "rank_00000.pt"
-    ckpt._save_file(state, f)
-    back = ckpt._load_file(f, "optimizer state", ("optimizer", "scheduler", "rng"))
+    checkpointing.save_file(state, f)
+    back = checkpointing.load_file(f, "optimizer state", ("optimizer", "scheduler", "rng"))
     exp_avg = state["optimizer"]["state"][0]["exp_avg"]
     assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], exp_avg)
     assert torch.equal(back["rng"]["cpu"], state["rng"]["cpu"])
@@ -50,7 +51,7 @@ def test_truncated_file_names_path(tmp_path, keep):
     n = int(len(data) * keep) if isinstance(keep, float) else keep
     f.write_bytes(data[:n])
     with pytest.raises(ValueError) as e:
-        ckpt._load_file(f, "optimizer state")
+        checkpointing.load_file(f, "optimizer state")
     msg = str(e.value)
     assert str(f) in msg and "optimizer state" in msg and "\n" not in msg
 
@@ -64,14 +65,14 @@ def test_corrupt_bytes_names_path(tmp_path):
         data[i] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=str(f)):
-        ckpt._load_file(f, "optimizer state")
+        checkpointing.load_file(f, "optimizer state")
 
 
 def test_pickled_code_refused(tmp_path):
     f = tmp_path / "trainer_state.pt"
     torch.save({"step": 3, "obj": argparse.Namespace(x=1)}, f)  # outside the weights_only allow-list
     with pytest.raises(ValueError) as e:
-        ckpt._load_file(f, "trainer state")
+        checkpointing.load_file(f, "trainer state")
     assert str(f) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -79,7 +80,7 @@ def test_file_of_another_kind_names_field(tmp_path):
     f = tmp_path / "rank_00000.pt"
     torch.save({"model": torch.zeros(2)}, f)
     with pytest.raises(ValueError) as e:
-        ckpt._load_file(f, "optimizer state", ("optimizer", "scheduler", "rng"))
+        checkpointing.load_file(f, "optimizer state", ("optimizer", "scheduler", "rng"))
     msg = str(e.value)
     assert str(f) in msg and "optimizer" in msg and "scheduler" in msg and "rng" in msg
 
@@ -100,10 +101,57 @@ def test_enospc_write_names_path_and_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", failing_save)
     target = tmp / "rank_00000.pt"
     with pytest.raises(OSError) as e:
-        ckpt._save_file(_optimizer_file_state(), target)
+        checkpointing.save_file(_optimizer_file_state(), target)
     monkeypatch.setattr(torch, "save", real_save)
     assert e.value.errno == errno.ENOSPC
     assert str(target) in str(e.value)
     assert ckpt.latest_checkpoint(save_dir) == prev
     with pytest.raises(ValueError, match=str(target)):  # the partial file itself is refused by name
-        ckpt._load_file(target, "optimizer state")
+        checkpointing.load_file(target, "optimizer state")
+
+
+def test_atomic_directory_renames_only_on_success(tmp_path):
+    final = tmp_path / "out" / "step_000001"
+    with checkpointing.atomic_directory(final) as tmp:
+        assert checkpointing.is_temporary(tmp) and tmp.parent == final.parent
+        (tmp / "a.pt").write_bytes(b"x")
+    assert (final / "a.pt").read_bytes() == b"x"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["step_000001"]
+    with pytest.raises(FileExistsError, match=str(final)):
+        with checkpointing.atomic_directory(final):
+            pass
+
+
+def test_atomic_directory_failure_names_checkpoint_and_cleans_up(tmp_path, monkeypatch):
+    final = tmp_path / "step_000002"
+
+    def failing_save(obj, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(checkpointing.CheckpointWriteError) as e:
+        with checkpointing.atomic_directory(final) as tmp:
+            checkpointing.save_file({"x": 1}, tmp / "trainer_state.pt")
+    assert e.value.errno == errno.ENOSPC
+    assert str(final) in str(e.value) and "trainer_state.pt" in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary directory
+    with pytest.raises(KeyError):  # not a write failure: re-raised as it is, still cleaned up
+        with checkpointing.atomic_directory(final):
+            raise KeyError("bug")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_keeps_last_k_and_removes_interrupted_saves(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.step_dir(tmp_path, step).mkdir()
+    (tmp_path / "step_000003.tmp-0123abcd").mkdir()  # a save killed before its rename
+    (tmp_path / "step_000009.tmp-0123abcd").mkdir()  # newer than any complete one: not touched
+    (tmp_path / "notes").mkdir()
+    removed = checkpointing.prune(tmp_path, ckpt.STEP_DIR, keep_last=2)
+    assert sorted(p.name for p in removed) == ["step_000001", "step_000002", "step_000003.tmp-0123abcd"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["notes", "step_000003", "step_000004", "step_000009.tmp-0123abcd"]
+    assert ckpt.latest_checkpoint(tmp_path) == ckpt.step_dir(tmp_path, 4)
+    checkpointing.prune(tmp_path, ckpt.STEP_DIR, keep_last=0)  # 0 = keep every complete one
+    assert ckpt.latest_checkpoint(tmp_path) == ckpt.step_dir(tmp_path, 4)
+    assert len(checkpointing.complete_checkpoints(tmp_path, ckpt.STEP_DIR)) == 2

@@ -150,6 +150,7 @@ def test_override_value_types():
         ("trainer.total_steps=ten", "trainer.total_steps must be an int, got 'ten'"),
         ("data.shuffle=3", "data.shuffle must be a bool"),
         ("optimizer.min_lr=1", "optimizer.min_lr must be in [0, optimizer.lr="),
+        ("optimizer.use_distributed_optimizer=3", "optimizer.use_distributed_optimizer must be"),
         (
             "algorithm.dynamic_sampling=false trainer.gen_batch_size=7",
             "trainer.gen_batch_size must equal trainer.train_batch_size",

@@ -18,7 +18,7 @@ DOC = PACKAGE.parent / "docs" / "ARCHITECTURE.md"
 # Bottom to top: a unit may import units of strictly lower layers only.
 LAYERS: list[set[str]] = [
     {"utils"},
-    {"algo", "models", "data", "rewards"},
+    {"algo", "models", "data", "rewards", "checkpointing"},
     {"parallel"},
     {"config", "conversion", "rollout"},  # config reads parallel.layout (ParallelLayout)
     {"loading"},

@@ -149,6 +149,25 @@ def test_dapo_update_matches_reference(layout, setup):
     _compare(layout, got, refs, dirs)
 
 
+# Megatron's distributed optimizer (ZeRO-1), on gloo through dapo_megatron.parallel.cpu: gradients
+# reduce-scattered, Adam on each rank's shard, parameters all-gathered. Gradients are compared
+# after putting the DP shards of the clipped gradient back together (tests/_train_ranks.py).
+DISTOPT_LAYOUTS = {"DP2": (2, 1, 1, False, 2), "DP2xTP2": (4, 2, 1, False, 4)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(DISTOPT_LAYOUTS))
+def test_distributed_optimizer_update_matches_reference(layout, setup):
+    dirs, batches, refs = setup
+    world, tp, pp, sp, micro = DISTOPT_LAYOUTS[layout]
+    got = run_on_ranks(
+        dapo_update, world, dirs, tp, pp, sp, batches, 8, micro, OPT, "fp32", "none", 1, True, timeout=600
+    )[0]
+    for arch in dirs:
+        assert got[arch][0]["distributed_optimizer"], f"{layout}/{arch}: not the distributed optimizer"
+    _compare(f"{layout}+distopt", got, refs, dirs)
+
+
 @pytest.mark.distributed
 def test_global_token_normalisation_differs_from_per_rank_mean(setup):
     """DP2 ranks hold 103 vs 8 valid tokens. The global token mean is what we compute (checked

@@ -255,6 +255,11 @@ class OptimizerConfig(TypedSection):
         "update uses lr / (lr_warmup_steps * U), not 0; 0 = no warm-up.",
     )
     lr_schedule: Literal["constant", "cosine"] = doc_field("constant", "Schedule after warmup.")
+    use_distributed_optimizer: bool | None = doc_field(
+        None,
+        "Megatron's distributed optimizer (ZeRO-1: Adam state and fp32 master weights sharded over "
+        "data-parallel ranks); null = on with CUDA, off on CPU. Checkpoints reshard with either.",
+    )
 
     def validate(self) -> None:
         self._require(self.lr > 0, "lr", "> 0")

@@ -10,11 +10,12 @@ A model checkpoint directory holds
   vocabulary padding, dtype, source hashes, format version - everything an export back to HF needs;
 * ``hf_files/``: tokenizer and generation-config files copied from the HF source, if any.
 
-``dapo_metadata.json`` is written last and the directory is renamed into place at the very end
-(:func:`save_model_checkpoint` writes ``<dir>.tmp-XXXX`` first), so a directory that has it is
-complete. The trainer saves its model with the same pair of functions (typically into
-``<step dir>/model``), next to its optimizer state; :func:`resolve_model_dir` finds the model part
-of either kind of checkpoint.
+The directory is written by the package's one atomic-save protocol
+(:func:`dapo_megatron.checkpointing.atomic_directory`: ``<dir>.tmp-XXXX``, renamed when every rank
+succeeded), so a directory under its final name is complete. A trainer checkpoint is the same
+kind of directory whose dist checkpoint also holds the optimizer state
+(:mod:`dapo_megatron.trainer.checkpoint`); it loads and exports as a model checkpoint.
+:func:`resolve_model_dir` also accepts the older trainer layout with the model in ``<step>/model``.
 """
 
 from __future__ import annotations
@@ -23,19 +24,25 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dapo_megatron.parallel.comm import broadcast_object
+from dapo_megatron.checkpointing import (
+    CheckpointError,
+    atomic_directory,
+    check_files,
+    is_temporary,
+    load_sharded,
+    save_sharded,
+)
 
 FORMAT_VERSION = 1
 METADATA_FILE = "dapo_metadata.json"
 HF_FILES_DIR = "hf_files"
-MODEL_SUBDIR = "model"  # where a trainer checkpoint keeps its model part
+MODEL_SUBDIR = "model"  # where trainer checkpoints before the optimizer moved in kept the model
 # Files copied from an HF model directory besides config.json and the weights.
 HF_EXTRA_FILES = (
     "tokenizer.json",
@@ -49,11 +56,6 @@ HF_EXTRA_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
-_MCORE_FILES = ("metadata.json", ".metadata", "common.pt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing, incomplete or corrupt (the message names the file)."""
 
 
 @dataclass
@@ -160,18 +162,6 @@ def write_metadata(
     os.replace(tmp, ckpt_dir / METADATA_FILE)
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _barrier() -> None:
-    dist = _dist()
-    if dist is not None:
-        dist.barrier()
-
-
 def save_model_checkpoint(
     model,
     ckpt_dir: str | Path,
@@ -182,44 +172,33 @@ def save_model_checkpoint(
 ) -> Path:
     """Save ``model`` (this rank's stage/shard; call on **every** rank) to ``ckpt_dir``.
 
-    Writes the dist checkpoint and the metadata into ``<ckpt_dir>.tmp-XXXX`` (or ``tmp_dir``) and
-    renames it to ``ckpt_dir`` at the end, so an interrupted save never leaves ``ckpt_dir``
-    looking valid. ``ckpt_dir`` must not exist. Data-parallel replicas are deduplicated by
-    ``dist_checkpointing``. ``hf_dir``: where ``metadata.hf_files`` are copied from.
+    Writes the dist checkpoint and the metadata with the atomic-save protocol
+    (:func:`~dapo_megatron.checkpointing.atomic_directory`: into ``<ckpt_dir>.tmp-XXXX``, or
+    ``tmp_dir``, renamed when every rank succeeded), so an interrupted save never leaves
+    ``ckpt_dir`` looking valid. ``ckpt_dir`` must not exist. Data-parallel replicas are
+    deduplicated by ``dist_checkpointing``. ``hf_dir``: where ``metadata.hf_files`` are copied from.
     """
-    dist = _dist()
-    rank = dist.get_rank() if dist else 0
+    import torch.distributed as dist
+
     ckpt_dir = Path(ckpt_dir)
-    if rank == 0 and ckpt_dir.exists():
-        raise FileExistsError(f"checkpoint directory {ckpt_dir} already exists; refusing to overwrite it")
-    if rank == 0:
-        tmp_dir = (
-            Path(tmp_dir) if tmp_dir else ckpt_dir.with_name(f"{ckpt_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-        )
-        tmp_dir.mkdir(parents=True)
-    tmp_dir = Path(broadcast_object(str(tmp_dir) if rank == 0 else None))
-    save_sharded_model(model, tmp_dir)
-    if rank == 0:
-        write_metadata(tmp_dir, metadata, hf_dir)
-        os.rename(tmp_dir, ckpt_dir)
-    _barrier()
+    with atomic_directory(ckpt_dir, tmp_dir=tmp_dir) as tmp:
+        save_sharded_model(model, tmp)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_metadata(tmp, metadata, hf_dir)
     return ckpt_dir
 
 
 def save_sharded_model(model, out_dir: str | Path) -> None:
     """Only the ``dist_checkpointing`` part (no metadata, no rename) into the existing, empty
     ``out_dir``; collective over all ranks."""
-    from megatron.core import dist_checkpointing
-
     from dapo_megatron.conversion.names import unwrap_model
 
-    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), str(out_dir))
-    _barrier()
+    save_sharded(unwrap_model(model).sharded_state_dict(), out_dir)
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """The model checkpoint inside ``path``: ``path`` itself (a converted checkpoint) or
-    ``path/model`` (a trainer checkpoint, whose optimizer state is ignored)."""
+    """The model checkpoint inside ``path``: ``path`` itself (a converted checkpoint, or a trainer
+    checkpoint, whose optimizer state is ignored) or ``path/model`` (older trainer checkpoints)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"Megatron checkpoint directory {path} does not exist")
@@ -238,31 +217,10 @@ def validate_checkpoint(path: str | Path) -> tuple[Path, CheckpointMetadata]:
     missing metadata, missing Megatron files, ``.distcp`` files that are missing or shorter than
     the chunks the index says they hold."""
     ckpt = resolve_model_dir(path)
-    if ckpt.name.rsplit(".tmp-", 1)[0] != ckpt.name:
+    if is_temporary(ckpt):
         raise CheckpointError(f"{ckpt} is an unfinished temporary checkpoint directory")
     metadata = CheckpointMetadata.from_file(ckpt / METADATA_FILE)
-    for name in _MCORE_FILES:
-        if not (ckpt / name).exists():
-            raise CheckpointError(
-                f"Megatron checkpoint file {ckpt / name} is missing (incomplete checkpoint)"
-            )
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint index {ckpt / '.metadata'}: {e}") from e
-    needed: dict[str, int] = {}
-    for info in storage.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for rel, end in sorted(needed.items()):
-        f = ckpt / rel
-        if not f.exists():
-            raise CheckpointError(f"checkpoint data file {f} is missing (listed in {ckpt / '.metadata'})")
-        if f.stat().st_size < end:
-            raise CheckpointError(
-                f"checkpoint data file {f} is truncated: {f.stat().st_size} bytes, index needs {end}"
-            )
+    check_files(ckpt)
     for name in metadata.hf_files:
         if not (ckpt / HF_FILES_DIR / name).exists():
             raise CheckpointError(f"file {ckpt / HF_FILES_DIR / name} listed in {METADATA_FILE} is missing")
@@ -280,23 +238,28 @@ def vocab_pad_multiple_for(metadata: CheckpointMetadata, tp: int) -> int:
     return padded // tp
 
 
-@torch.no_grad()
-def load_model_checkpoint(model, path: str | Path, *, strict: bool = True) -> CheckpointMetadata:
-    """Load a model checkpoint (converted or a trainer's ``model/`` part) into ``model`` at its own
-    layout (call on every rank). Returns the checkpoint's metadata."""
-    from megatron.core import dist_checkpointing
-
-    from dapo_megatron.conversion.names import unwrap_model
-
-    ckpt, metadata = validate_checkpoint(path)
-    gpt = unwrap_model(model)
+def check_model_fits(gpt, ckpt: Path, metadata: CheckpointMetadata) -> None:
+    """Raise :class:`CheckpointError` if ``gpt`` was built with another padded vocabulary."""
     if getattr(gpt, "vocab_size", metadata.padded_vocab_size) != metadata.padded_vocab_size:
         raise CheckpointError(
             f"{ckpt}: stored padded vocabulary is {metadata.padded_vocab_size} rows but the model has "
             f"{gpt.vocab_size}; build it with vocab_pad_multiple=vocab_pad_multiple_for(metadata, tp)"
         )
-    state = dist_checkpointing.load(gpt.sharded_state_dict(), str(ckpt))
-    gpt.load_state_dict(state, strict=strict)
+
+
+@torch.no_grad()
+def load_model_checkpoint(model, path: str | Path, *, strict: bool = True) -> CheckpointMetadata:
+    """Load a model checkpoint (converted, or the model part of a trainer checkpoint) into
+    ``model`` at its own layout (call on every rank). Returns the checkpoint's metadata."""
+    from dapo_megatron.conversion.names import unwrap_model
+
+    ckpt, metadata = validate_checkpoint(path)
+    gpt = unwrap_model(model)
+    check_model_fits(gpt, ckpt, metadata)
+    request = gpt.sharded_state_dict()
+    state = load_sharded(request, ckpt)
+    # A trainer checkpoint's common state also holds the optimizer's: keep the model's keys.
+    gpt.load_state_dict({k: v for k, v in state.items() if k in request}, strict=strict)
     return metadata
 
 

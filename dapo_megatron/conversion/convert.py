@@ -17,15 +17,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
+from dapo_megatron.checkpointing import atomic_directory
 from dapo_megatron.conversion.checkpoint import (
     HF_FILES_DIR,
     CheckpointMetadata,
@@ -51,10 +51,6 @@ from dapo_megatron.utils.dtypes import DTYPES
 
 _HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-
-
-def _tmp_for(output: Path) -> Path:
-    return output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
 def _check_output(output: Path) -> None:
@@ -184,10 +180,9 @@ def convert_hf_to_megatron_many(
             written_layout={"tp": tp, "pp": pp, "ep": ep},
             hash_sources=hash_sources,
         )
-        plans.append((hf_dir, output, _tmp_for(output), meta))
-    try:
-        for _, _, tmp, _ in plans:
-            tmp.mkdir()
+        plans.append((hf_dir, output, meta))
+    with ExitStack() as stack:  # each output is renamed into place only if everything succeeded
+        plans = [(h, o, stack.enter_context(atomic_directory(o, collective=False)), m) for h, o, m in plans]
         if materialize:
             stats = launch(
                 _hf_to_megatron_rank,
@@ -212,12 +207,8 @@ def convert_hf_to_megatron_many(
             )[0]
         for (hf_dir, output, tmp, meta), s in zip(plans, stats):
             write_metadata(tmp, meta, hf_dir)
-            os.rename(tmp, output)
             s["output"] = str(output)
-        return stats
-    finally:
-        for _, _, tmp, _ in plans:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return stats
 
 
 def convert_hf_to_megatron(hf_dir: str | Path, output: str | Path, **kwargs) -> dict:
@@ -335,9 +326,7 @@ def convert_megatron_to_hf(
     dtype = dtype or metadata.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tmp = _tmp_for(output)
-    tmp.mkdir()
-    try:
+    with atomic_directory(output, collective=False) as tmp:
         args = (str(ckpt), str(tmp), dtype, int(max_shard_bytes), progress)
         if in_process:
             init_single_process()
@@ -347,7 +336,4 @@ def convert_megatron_to_hf(
         (tmp / "config.json").write_text(json.dumps(hf_config_for_export(metadata, dtype), indent=2))
         for name in metadata.hf_files:
             shutil.copy2(ckpt / HF_FILES_DIR / name, tmp / name)
-        os.rename(tmp, output)
-        return stats
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return stats

@@ -10,8 +10,11 @@ forking it, :func:`enable_cpu_megatron` redirects exactly those assumptions to t
   the default causal mask).
 * The model-parallel RNG tracker uses the CPU generator.
 * ``clip_grad_by_total_norm_fp32`` asserts CUDA tensors: replaced by a CPU scaler.
-* The bf16/fp16 optimizer (fp32 master weights) sorts parameters by ``param.type()`` CUDA names:
-  its constructor sees CPU tensors under their CUDA names.
+* The bf16/fp16 optimizer (fp32 master weights) and the distributed optimizer sort parameters by
+  ``param.type()`` CUDA names (``distrib_optimizer.py:361,420,582``): their constructors see CPU
+  tensors under their CUDA names. The distributed optimizer's state buffers
+  (``torch.cuda.current_device()``, ``.cuda()``) and its collectives (``reduce_scatter_tensor``,
+  ``all_gather_into_tensor``, which gloo has) then need nothing more.
 * The MoE all-to-all token dispatcher copies its split sizes to the host on a side CUDA stream:
   ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` become one synchronous CPU stand-in, and
   its "device to host" copy also turns CPU split sizes into the numpy arrays gloo's
@@ -157,7 +160,10 @@ def enable_cpu_megatron() -> bool:
 
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
     _alias_cuda_types_during(optimizer.Float16OptimizerWithFloat16Params, _MODE)
+    _alias_cuda_types_during(DistributedOptimizer, _MODE)
     _ENABLED = True
     return True
 

@@ -3,8 +3,9 @@
 Everything here is stock Megatron-Core: ``DistributedDataParallel`` (gradient buffers,
 ``finalize_model_grads`` with the per-token loss scaling), ``get_megatron_optimizer`` (Adam with
 decoupled weight decay, fp32 master weights for bf16/fp16, gradient clipping by the global norm)
-and ``OptimizerParamScheduler``. The distributed optimizer (ZeRO-1) is used on GPU; the CPU path
-uses the plain one, because Megatron's distributed optimizer asserts CUDA tensors.
+and ``OptimizerParamScheduler``. The distributed optimizer (ZeRO-1) is the default on GPU and runs
+on CPU/gloo too (:mod:`dapo_megatron.parallel.cpu`); ``optimizer.use_distributed_optimizer``
+chooses.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import torch
 
 
 def wrap_ddp(loaded, *, use_distributed_optimizer: bool | None = None):
-    """Wrap ``loaded.model`` in Megatron DDP and hook it into the pipeline schedule."""
+    """Wrap ``loaded.model`` in Megatron DDP and hook it into the pipeline schedule.
+
+    ``use_distributed_optimizer``: ``None`` = on with CUDA, off on CPU. Returns the DDP model and
+    the choice made (pass it to :func:`build_optimizer`)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,

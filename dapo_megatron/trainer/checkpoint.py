@@ -1,45 +1,68 @@
-"""Trainer checkpoints: model (Megatron dist checkpoint), optimizer, scheduler, RNG, loop state.
+"""Trainer checkpoints: model + optimizer (one Megatron dist checkpoint), scheduler, RNG, loop state.
 
 Layout of ``<save_dir>/step_000012/``::
 
-    model/                  dist_checkpointing (reshardable) + dapo_metadata.json + hf_files/
-    optimizer/rank_00003.pt optimizer + scheduler + RNG states of global rank 3
-    trainer_state.pt        step, data cursor, dynamic-sampler state, generation round (rank 0)
+    metadata.json .metadata common.pt __*_*.distcp
+                            one Megatron-Core dist checkpoint (the format Megatron-LM uses): the
+                            model's sharded state dict and, under ``optimizer``, the optimizer's
+                            (Adam moments, fp32 master weights, step): both reshard on load
+    dapo_metadata.json hf_files/
+                            as a converted model checkpoint: the directory loads and exports
+                            as one (``tools/convert_megatron_to_hf.py``, ``model.megatron_checkpoint``)
+    trainer_state.pt        step, data cursor, dynamic-sampler state, generation round, scheduler,
+                            the layout and optimizer kind it was written with (written by rank 0,
+                            read by every rank)
+    rng/rank_00003.pt       RNG states of global rank 3
 
-Everything is written into ``step_000012.tmp-<id>`` and renamed by rank 0 after a barrier, so a
-job killed mid-save leaves no directory that looks complete; ``latest_checkpoint`` ignores
-``*.tmp-*``. Optimizer state is per rank: resume at the same layout (the model part alone can be
-loaded at any layout, e.g. by ``tools/convert_megatron_to_hf.py``).
+The directory is written with the package's one atomic-save protocol
+(:func:`dapo_megatron.checkpointing.atomic_directory`), so a directory named ``step_N`` is complete;
+a failed write on any rank (e.g. ``ENOSPC`` in a dist-checkpoint writer) raises on every rank,
+naming the checkpoint, the rank and the file, and leaves the previous checkpoint the newest one.
 
-Files are read with ``torch.load(weights_only=True)`` (no pickled code runs); a truncated or
-corrupt file, or one of another kind, raises a one-line ``ValueError`` naming the file. A write
-that fails (e.g. ``ENOSPC``) raises ``OSError`` naming the file; the ``*.tmp-*`` directory it
-leaves is never picked by ``latest_checkpoint``, so the previous checkpoint stays the newest.
+Resume at the layout it was written at is exact. At another layout (fewer or more ranks, another
+TP/PP/DP split) the model and the optimizer state reshard, for the distributed and for the plain
+optimizer, so training continues with the same weights and Adam moments; only the per-rank RNG
+streams are not restored then (they are tied to ranks; the freshly seeded ones are used, as
+Megatron-LM does). The optimizer kind must match the one the checkpoint was written with (the two
+keep different non-tensor state in Megatron's format); a mismatch is an error naming the setting.
+
+Files are read with ``torch.load(weights_only=True)``; a truncated, corrupt or foreign file or data
+shard is one error line naming the file.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
-import shutil
-import uuid
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.checkpointing import (
+    OPTIMIZER_KEY,
+    CheckpointError,
+    atomic_directory,
+    load_file,
+    load_optimizer_state,
+    load_sharded,
+    model_and_optimizer_state,
+    newest_complete,
+    prune,
+    save_file,
+    save_sharded,
+)
 from dapo_megatron.conversion.checkpoint import (
-    MODEL_SUBDIR,
     CheckpointMetadata,
-    load_model_checkpoint,
-    save_sharded_model,
+    check_model_fits,
+    validate_checkpoint,
     write_metadata,
 )
-from dapo_megatron.parallel.comm import broadcast_object
+from dapo_megatron.conversion.names import unwrap_model
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR = re.compile(r"^step_(\d+)$")
+TRAINER_STATE_FILE = "trainer_state.pt"
+RNG_DIR = "rng"
 
 
 def step_dir(save_dir: str | Path, step: int) -> Path:
@@ -48,49 +71,31 @@ def step_dir(save_dir: str | Path, step: int) -> Path:
 
 def latest_checkpoint(save_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step in ``save_dir`` (``None`` if there is none)."""
-    save_dir = Path(save_dir)
-    if not save_dir.is_dir():
-        return None
-    steps = [
-        (int(m.group(1)), p) for p in save_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
-    ]
-    return max(steps)[1] if steps else None
+    return newest_complete(save_dir, STEP_DIR)
 
 
-def _first_line(e: BaseException) -> str:
-    """The first sentence of an exception's message (torch's are paragraphs), or its type name."""
-    text = str(e).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+def current_layout() -> dict[str, int]:
+    """World size and Megatron's TP / PP / DP sizes of this job."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world": dist.get_world_size(),
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
 
 
-def _save_file(obj: Any, path: Path) -> None:
-    """``torch.save(obj, path)``; a failed write (``ENOSPC``, I/O error) raises ``OSError`` naming it."""
-    try:
-        torch.save(obj, path)
-    except (OSError, RuntimeError) as e:
-        msg = f"writing checkpoint file {path} failed: {getattr(e, 'strerror', None) or _first_line(e)}"
-        raise (OSError(e.errno, msg) if getattr(e, "errno", None) else OSError(msg)) from e
+def optimizer_kind(optimizer) -> str:
+    """``"distributed"`` or ``"plain"``: which Megatron optimizer ``optimizer`` is (or chains)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
 
 
-def _load_file(path: Path, what: str, required: tuple[str, ...] = ()) -> Any:
-    """``torch.load(path, weights_only=True)`` with a one-line ``ValueError`` naming ``path`` when
-    the file is truncated, corrupt, holds non-allow-listed types, or lacks one of ``required`` keys.
-
-    The trainer's files hold only tensors, dicts, lists and Python scalars (optimizer, scheduler,
-    RNG and loop states), so the default ``weights_only`` allow-list suffices; no pickled code runs.
-    """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        why = "truncated, corrupt or holding non-tensor types"
-        raise ValueError(f"{path}: cannot read the {what} ({why}): {_first_line(e)}") from None
-    if required:
-        missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
-        if missing:
-            raise ValueError(
-                f"{path}: the {what} lacks field(s) {', '.join(missing)} (not a dapo checkpoint file?)"
-            )
-    return obj
+def _rng_file(path: Path, rank: int) -> Path:
+    return path / RNG_DIR / f"rank_{rank:05d}.pt"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -119,54 +124,67 @@ def save_checkpoint(
     optimizer,
     scheduler,
     metadata: CheckpointMetadata,
-    hf_dir: str | Path,
+    hf_dir: str | Path | None,
     trainer_state: dict[str, Any] | None,
     keep_last: int = 0,
 ) -> Path:
-    """Save a complete, atomic checkpoint of ``step`` (collective: call on every rank)."""
+    """Save a complete, atomic checkpoint of ``step`` (collective: call on every rank).
+
+    ``trainer_state``: the loop's state (rank 0; ignored elsewhere). ``keep_last``: keep the K
+    newest checkpoints (0 = all); leftovers of interrupted saves are removed too."""
     rank = dist.get_rank()
     final = step_dir(save_dir, step)
-    tmp = final.with_name(broadcast_object(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None))
+    layout = current_layout()
+    with atomic_directory(final) as tmp:
+        save_sharded(model_and_optimizer_state(unwrap_model(model), optimizer, is_loading=False), tmp)
+        (tmp / RNG_DIR).mkdir(exist_ok=True)
+        save_file({"rng": _rng_state(), "layout": layout}, _rng_file(tmp, rank))
+        if rank == 0:
+            metadata.source = f"trainer step {step}"
+            write_metadata(tmp, metadata, hf_dir)
+            state = {
+                **(trainer_state or {}),
+                "scheduler": scheduler.state_dict(),
+                "layout": layout,
+                "optimizer_kind": optimizer_kind(optimizer),
+            }
+            save_file(state, tmp / TRAINER_STATE_FILE)
     if rank == 0:
-        if final.exists():
-            raise FileExistsError(f"checkpoint {final} already exists")
-        (tmp / MODEL_SUBDIR).mkdir(parents=True)
-        (tmp / "optimizer").mkdir()
-    dist.barrier()
-    save_sharded_model(model, tmp / MODEL_SUBDIR)
-    _save_file(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-        tmp / "optimizer" / f"rank_{rank:05d}.pt",
-    )
-    if rank == 0:
-        metadata.source = f"trainer step {step}"
-        write_metadata(tmp / MODEL_SUBDIR, metadata, hf_dir)
-        _save_file(trainer_state, tmp / "trainer_state.pt")
-    dist.barrier()
-    if rank == 0:
-        tmp.rename(final)
-        if keep_last > 0:
-            done = sorted(p for p in Path(save_dir).iterdir() if _STEP_DIR.match(p.name))
-            for old in done[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune(save_dir, STEP_DIR, keep_last)
     dist.barrier()
     return final
 
 
+@torch.no_grad()
 def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG of this rank; return the trainer state."""
-    path = Path(path)
-    rank = dist.get_rank()
-    opt_file = path / "optimizer" / f"rank_{rank:05d}.pt"
-    if not opt_file.exists():
-        raise FileNotFoundError(
-            f"{opt_file} is missing: the checkpoint was written with fewer ranks or is incomplete "
-            "(optimizer state resumes only at the layout it was saved with)"
+    """Restore model, optimizer and scheduler (at any layout) and, at the layout the checkpoint
+    was written at, this rank's RNG states; return the trainer state (collective)."""
+    ckpt, metadata = validate_checkpoint(path)
+    state_file = ckpt / TRAINER_STATE_FILE
+    trainer_state = load_file(state_file, "trainer state", ("step", "scheduler", "layout", "optimizer_kind"))
+    written_kind, kind = trainer_state.pop("optimizer_kind"), optimizer_kind(optimizer)
+    if written_kind != kind:
+        raise CheckpointError(
+            f"{state_file}: the checkpoint holds the state of the {written_kind} optimizer but this run "
+            f"uses the {kind} one; set optimizer.use_distributed_optimizer="
+            f"{str(written_kind == 'distributed').lower()} to resume from it"
         )
-    load_model_checkpoint(model, path / MODEL_SUBDIR)
-    state = _load_file(opt_file, "optimizer state", ("optimizer", "scheduler", "rng"))
-    trainer_state = _load_file(path / "trainer_state.pt", "trainer state")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    gpt = unwrap_model(model)
+    check_model_fits(gpt, ckpt, metadata)
+    request = model_and_optimizer_state(gpt, optimizer, is_loading=True)
+    state = load_sharded(request, ckpt)
+    optimizer_state = state.pop(OPTIMIZER_KEY)
+    gpt.load_state_dict(state, strict=True)
+    load_optimizer_state(optimizer, optimizer_state)
+    scheduler.load_state_dict(trainer_state.pop("scheduler"))
+    written, now = trainer_state.pop("layout"), current_layout()
+    if written == now:
+        rng = load_file(_rng_file(ckpt, dist.get_rank()), "RNG state", ("rng",))
+        _set_rng_state(rng["rng"])
+    elif dist.get_rank() == 0:
+        print(
+            f"[dapo] {ckpt} was written at {written}, resuming at {now}: model and optimizer state "
+            "resharded; per-rank RNG streams freshly seeded",
+            flush=True,
+        )
     return trainer_state

@@ -81,7 +81,9 @@ class DapoTrainer:
                 recompute=cfg.model.recompute,
                 moe=moe,
             )
-        _, use_dist_opt = wrap_ddp(self.loaded)
+        _, use_dist_opt = wrap_ddp(
+            self.loaded, use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer
+        )
         self.optimizer, self.scheduler = build_optimizer(
             self.loaded,
             cfg.optimizer,
