@@ -182,29 +182,19 @@ class PolicyTrainer:
         vocab = self.loaded.arch.vocab_size
 
         def collect(mb, logits):
-            if "packed" in mb:
-                logp, _, _ = packed_token_log_probs(
-                    logits,
-                    mb,
-                    tp_group=self.tp_group,
-                    vocab_size=vocab,
-                    chunk_size=self.loss_settings.logprob_chunk_size,
-                    temperature=self.loss_settings.temperature,
-                    top_k=self.loss_settings.top_k,
-                    top_p=self.loss_settings.top_p,
-                )
-                return mb["index"].cpu(), logp.float().cpu()
-            width = mb["input_ids"].shape[1]
-            logp, _ = token_log_probs(
-                logits[:, :width],
-                mb["input_ids"],
+            settings = self.loss_settings
+            kwargs = dict(
                 tp_group=self.tp_group,
                 vocab_size=vocab,
-                chunk_size=self.loss_settings.logprob_chunk_size,
-                temperature=self.loss_settings.temperature,
-                top_k=self.loss_settings.top_k,
-                top_p=self.loss_settings.top_p,
+                chunk_size=settings.logprob_chunk_size,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
             )
+            if "packed" in mb:
+                logp = packed_token_log_probs(logits, mb, **kwargs)[0]
+            else:
+                logp = token_log_probs(logits[:, : mb["input_ids"].shape[1]], mb["input_ids"], **kwargs)[0]
             return mb["index"].cpu(), logp.float().cpu()
 
         for idx, logp in run_microbatches(
