@@ -74,6 +74,8 @@ ARMS: dict[str, Arm] = {
         ),
         Arm("dapo+clip_cov", "dapo", ("algorithm.policy_loss=clip_cov",), "DAPO + Clip-Cov"),
         Arm("dapo+kl_cov", "dapo", ("algorithm.policy_loss=kl_cov",), "DAPO + KL-Cov"),
+        Arm("dapo+adaptive_clip", "dapo", ("algorithm.adaptive_clip_high=true",), "DAPO + entropy-targeted Clip-Higher"),
+        Arm("dapo+prompt_skipping", "dapo", ("algorithm.prompt_skipping=true",), "DAPO + prompt skipping"),
     )
 }
 
