@@ -20,9 +20,11 @@ What the engine sets up, and why (measured facts in ``shared/VLLM_CPU.md``):
   ``ops/topk_topp_sampler.py``) that is ``log_softmax`` of the logits divided by the temperature,
   then masked by ``apply_top_k_top_p`` (top-k: ``< k-th`` dropped; top-p: ascending cumulative
   mass ``<= 1 - top_p`` dropped); the default ``raw_logprobs`` would be the untempered logits.
-- Weights: ``collective_rpc("reload_weights", weights_iterator=...)`` (re-runs the CPU backend's
-  weight repacking), then ``reset_prefix_cache()``: without the reset, prompts longer than one KV
-  block reuse the KV cache computed with the old weights.
+- Weights: the worker extension's ``load_weights_in_memory`` (vLLM's ``reload_weights``, which
+  re-runs the CPU backend's weight repacking of the loaded layers, then a rebuild of the CPU GEMM
+  handle of a tied ``lm_head``, which ``reload_weights`` leaves packing the old embedding; see
+  :mod:`dapo_megatron.rollout.vllm_worker`), then ``reset_prefix_cache()``: without the reset,
+  prompts longer than one KV block reuse the KV cache computed with the old weights.
 - ``sleep()`` / ``wake_up()`` call vLLM's sleep mode on GPU (``enable_sleep_mode=True``); on the CPU
   build they are no-ops (vLLM has no sleep mode on CPU; weights and KV cache stay in RAM).
   :meth:`VLLMEngine.update_weights` on a sleeping GPU engine wakes the weights, loads, and only
@@ -139,10 +141,10 @@ class VLLMEngine:
             enable_sleep_mode=self._sleep_mode,
         )
         kwargs.update(llm_kwargs)
+        kwargs["worker_extension_cls"] = "dapo_megatron.rollout.vllm_worker.WeightSyncExtension"
         if in_process:
             self.llm = vllm.LLM(**kwargs)
         else:
-            kwargs["worker_extension_cls"] = "dapo_megatron.rollout.vllm_worker.WeightSyncExtension"
             with _separate_engine_process_env():
                 self.llm = vllm.LLM(**kwargs)
         self._asleep = False
@@ -201,7 +203,7 @@ class VLLMEngine:
         if self._sleep_mode and self._asleep:  # pragma: no cover - GPU only
             self.llm.wake_up(tags=["weights"])
         if self.in_process:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+            self.llm.collective_rpc("load_weights_in_memory", kwargs={"weights": items})
         else:
             from safetensors.torch import save
 

