@@ -70,7 +70,7 @@ def replay_logprobs(rank, world_size, hf_dir, ep, batch, perturb_std):
 
     for r in routers:
         r.register_forward_hook(hook)
-    mine = trainer._my_indices(range(batch["input_ids"].shape[0]))
+    mine = list(range(batch["input_ids"].shape[0]))  # the trainer works on the rows it is given
     free = {key: batch[key] for key in ("input_ids", "seq_lengths")}
     out = {}
     for phase in ("exact", "perturbed"):

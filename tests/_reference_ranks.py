@@ -11,8 +11,8 @@ def kl_update(rank, world_size, policy_dir, reference_dir, tp, pp, batch, micro_
 
     from dapo_megatron.config import ModelConfig, OptimizerConfig
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
     from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
     from dapo_megatron.policy.reference import build_reference
     from dapo_megatron.policy.train_step import PolicyTrainer

@@ -103,7 +103,7 @@ def _assert_logits(got, ref, mask, what):
 def test_checkpoint_metadata(work):
     for a, ckpt in work["ckpt"].items():
         path, meta = validate_checkpoint(ckpt)
-        assert meta.written_layout == {"tp": 2, "pp": 2} and meta.dtype == "fp32"
+        assert meta.written_layout == {"tp": 2, "pp": 2, "ep": 1} and meta.dtype == "fp32"
         assert meta.padded_vocab_size == 1024 and meta.arch["vocab_size"] == 1003
         assert meta.hf_config == json.loads(Path(work["hf"][a], "config.json").read_text())
         assert "model.safetensors" in meta.source_files and len(meta.source_files["model.safetensors"]) == 64

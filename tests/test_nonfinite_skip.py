@@ -60,8 +60,8 @@ def _same(a, b) -> bool:
 def _ranks(rank, world_size, hf_dir):
     from dapo_megatron.config import OptimizerConfig
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
     from dapo_megatron.policy.loss import LossSettings
     from dapo_megatron.policy.optim import build_optimizer, wrap_ddp
     from dapo_megatron.policy.train_step import PolicyTrainer

@@ -161,7 +161,7 @@ def test_distributed_optimizer_update_matches_reference(layout, setup):
     dirs, batches, refs = setup
     world, tp, pp, sp, micro = DISTOPT_LAYOUTS[layout]
     got = run_on_ranks(
-        dapo_update, world, dirs, tp, pp, sp, batches, 8, micro, OPT, "fp32", "none", 1, True, timeout=600
+        dapo_update, world, dirs, tp, pp, sp, batches, 8, micro, OPT, "fp32", "none", 1, 1, True, timeout=600
     )[0]
     for arch in dirs:
         assert got[arch][0]["distributed_optimizer"], f"{layout}/{arch}: not the distributed optimizer"

@@ -70,8 +70,8 @@ def _sample(engine) -> dict:
 def _trainer_log_probs(rank, world_size, hf_dir, batches):
     """TP2 old log-probs of every case, truncated as the rollout and (guard) untruncated."""
     from dapo_megatron.loading import build_model_from_hf
-    from dapo_megatron.models import ParallelLayout
     from dapo_megatron.parallel.groups import initialize_parallel
+    from dapo_megatron.parallel.layout import ParallelLayout
     from dapo_megatron.policy.loss import LossSettings
     from dapo_megatron.policy.train_step import PolicyTrainer
 
