@@ -120,6 +120,16 @@ class VLLMEngine:
             )
         if build == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
+            tp = int(llm_kwargs.get("tensor_parallel_size", 1))
+            if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                # The CPU build's TP workers each need their own cores ("0|1" for TP2 on 2 cores);
+                # without it start-up fails with "Not enough allowed NUMA nodes".
+                cpus = sorted(os.sched_getaffinity(0))
+                per = max(1, len(cpus) // tp)
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+                    ",".join(str(c) for c in cpus[(i * per) % len(cpus) : (i * per) % len(cpus) + per])
+                    for i in range(tp)
+                )
         vllm = import_vllm()
 
         self.model_dir = Path(model_dir)
