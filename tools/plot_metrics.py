@@ -14,7 +14,7 @@ from pathlib import Path
 
 # (panel title, keys drawn in it)
 PANELS: list[tuple[str, list[str]]] = [
-    ("accuracy", ["acc/mean", "val/acc/mean"]),
+    ("accuracy", ["acc/mean", "val/acc/mean", "val/acc_avg@8"]),
     ("reward", ["reward/mean"]),
     ("response length", ["response_length/mean"]),
     ("entropy", ["entropy"]),
