@@ -228,6 +228,27 @@ def _encode_rows(rows: list[dict[str, Any]], tokenizer: Any) -> list[tuple[list[
     return out
 
 
+def sft_update(model: Any, optimizer: Any, scheduler: Any, seqs: list[tuple[list[int], list[int]]], pad: int) -> float:
+    """One supervised update on ``(prompt ids, response ids)`` pairs: right-padded, loss on the
+    response tokens only, grad-norm clip 1.0, one optimizer and scheduler step. Returns the loss."""
+    width = max(len(p) + len(r) for p, r in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (p, r) in enumerate(seqs):
+        ids = p + r
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, len(p) : len(ids)] = torch.tensor(r)
+        attention[i, : len(ids)] = 1
+    loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
 def _warm_start(model: Any, tokenizer: Any, cfg: DemoModelConfig) -> dict[str, float]:
     """Supervised warm start on noisy answers; returns a few training statistics."""
     rows = make_demo_rows(
@@ -259,22 +280,7 @@ def _warm_start(model: Any, tokenizer: Any, cfg: DemoModelConfig) -> dict[str, f
     for _ in range(cfg.steps):
         batch = [examples[label_rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
         seqs = [(p, response_ids(noisy_answer(truth, label_rng, cfg.p_correct))) for p, truth in batch]
-        width = max(len(p) + len(r) for p, r in seqs)
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (p, r) in enumerate(seqs):  # right padding; loss on the response tokens only
-            ids = p + r
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, len(p) : len(ids)] = torch.tensor(r)
-            attention[i, : len(ids)] = 1
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(sft_update(model, optimizer, scheduler, seqs, pad))
     model.eval()
     tail = losses[-20:]
     return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail)}

@@ -45,6 +45,7 @@ from dapo_megatron.demo.model import (
     _one_thread,
     build_tokenizer,
     save_model_dir,
+    sft_update,
 )
 from dapo_megatron.demo.task import INSTRUCTION, write_rows
 
@@ -174,22 +175,7 @@ def _warm_start(model: Any, tokenizer: Any, cfg: MultistepModelConfig) -> dict[s
             i = rng.randrange(len(rows))
             text, _ = worked_solution(terms[i], rng, cfg.p_step, cfg.p_check)
             seqs.append((prompts[i], tokenizer.encode(text, add_special_tokens=False) + [eos]))
-        width = max(len(p) + len(r) for p, r in seqs)
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (p, r) in enumerate(seqs):
-            ids = p + r
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, len(p) : len(ids)] = torch.tensor(r)
-            attention[i, : len(ids)] = 1
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(sft_update(model, optimizer, scheduler, seqs, pad))
     model.eval()
     tail = losses[-20:]
     return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
