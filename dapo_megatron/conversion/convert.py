@@ -47,9 +47,8 @@ from dapo_megatron.models.hf_arch import ModelArch
 from dapo_megatron.parallel.groups import init_single_process
 from dapo_megatron.parallel.launch import launch
 from dapo_megatron.parallel.layout import ParallelLayout
-from dapo_megatron.utils.dtypes import DTYPES
+from dapo_megatron.utils.dtypes import DTYPES, HF_DTYPE_NAMES
 
-_HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
@@ -301,7 +300,7 @@ def hf_config_for_export(metadata: CheckpointMetadata, dtype: str) -> dict:
     """The source ``config.json`` with its dtype field set to the exported dtype."""
     config = dict(metadata.hf_config)
     key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
-    config[key] = _HF_DTYPE_NAMES[dtype]
+    config[key] = HF_DTYPE_NAMES[dtype]
     return config
 
 

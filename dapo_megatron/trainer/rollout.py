@@ -39,6 +39,7 @@ from dapo_megatron.parallel.layout import EnginePlacement, shard_bounds
 from dapo_megatron.policy.batch import RolloutBatch
 from dapo_megatron.rollout import SamplingConfig
 from dapo_megatron.trainer.prompt_skip import PromptSkipper
+from dapo_megatron.utils.dtypes import HF_DTYPE_NAMES
 from dapo_megatron.utils.report import Report
 
 # Seeds of successive generation rounds are spaced so per-sample seeds (base + i*n + j) never collide.
@@ -503,7 +504,7 @@ def build_collector(cfg, placement: EnginePlacement, groups):
     rank = dist.get_rank() if dist.is_initialized() else 0
     if placement.is_leader(rank):
         reward_pool = RewardPool.from_config(cfg.reward)
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.dtype]
+        dtype = HF_DTYPE_NAMES[cfg.model.dtype]
         options = dict(cfg.rollout.engine_options)
         if cfg.rollout.engine == "vllm" and placement.ranks_per_engine > 1:
             options["tensor_parallel_size"] = placement.ranks_per_engine

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DTYPES", "SAFETENSORS_CODES", "SAFETENSORS_DTYPES", "torch_dtype"]
+__all__ = ["DTYPES", "HF_DTYPE_NAMES", "SAFETENSORS_CODES", "SAFETENSORS_DTYPES", "torch_dtype"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Config spelling (``model.dtype``, ``--dtype``) -> torch dtype."""
 
 _HF_NAMES: dict[str, str] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 """Hugging Face / vLLM spelling (``torch_dtype`` in ``config.json``) -> config spelling."""
+
+HF_DTYPE_NAMES: dict[str, str] = {v: k for k, v in _HF_NAMES.items()}
+"""Config spelling -> Hugging Face / vLLM spelling (``"fp32"`` -> ``"float32"``)."""
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
