@@ -215,25 +215,28 @@ class DapoTrainer:
         )
         return metrics
 
-    def _reference_kl(self, batch) -> dict[str, float]:
-        """Reference log-probs (for the KL loss) and the mean KL to the reference over all tokens."""
+    def _reduce_over_batch(self, report: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``report`` (sums, and ``*_max`` maxima) of this rank's rows, reduced over every sequence of
+        the step: one rank per replica counts (old and reference log-probs are whole on every CP
+        rank, so CP rank 0 alone)."""
         from dapo_megatron.policy.metrics import reduce_reports
 
+        contributes = self.policy.reports_metrics and self.policy.cp_rank == 0
+        return reduce_reports([report], keys=list(report), contributes=contributes, group=self.groups.world)
+
+    def _reference_kl(self, batch) -> dict[str, float]:
+        """Reference log-probs (for the KL loss) and the mean KL to the reference over all tokens."""
         algo = self.cfg.algorithm
         batch["ref_log_probs"] = self.reference.compute_log_probs(self.policy, batch)
         mask = batch.response_mask
         kl = kl_penalty(batch.old_log_probs, batch.ref_log_probs, kind=algo.kl_type, response_mask=mask)
-        report = {"kl_sum": kl.double().sum(), "tokens": mask.double().sum()}
-        contributes = self.policy.reports_metrics and self.policy.cp_rank == 0
-        tot = reduce_reports([report], keys=list(report), contributes=contributes, group=self.groups.world)
+        tot = self._reduce_over_batch({"kl_sum": kl.double().sum(), "tokens": mask.double().sum()})
         return {"ref_kl/mean": tot["kl_sum"] / max(tot["tokens"], 1.0)}
 
     def _mismatch(self, batch) -> dict[str, float]:
         """Trainer vs engine log-probs of the same tokens, reduced over all sequences: both of the
         distribution sampled (temperature, top-k, top-p: engine processed log-probs, trainer
         truncation of policy/truncation.py), so only numerics separate them."""
-        from dapo_megatron.policy.metrics import reduce_reports
-
         mask = batch.response_mask.bool()
         m = logprob_mismatch_metrics(batch.old_log_probs, batch.rollout_log_probs, mask)
         tokens = mask.sum().double()
@@ -243,9 +246,7 @@ class DapoTrainer:
             "tokens": tokens,
             "diff_max": m["abs_diff_max"].double(),
         }
-        # old_log_probs are whole on every CP rank: one CP rank counts them
-        contributes = self.policy.reports_metrics and self.policy.cp_rank == 0
-        tot = reduce_reports([report], keys=list(report), contributes=contributes, group=self.groups.world)
+        tot = self._reduce_over_batch(report)
         t = max(tot["tokens"], 1.0)
         return {
             "rollout/logprob_diff_mean": tot["diff_sum"] / t,
