@@ -4,12 +4,11 @@ Built only when ``algorithm.kl_coef > 0`` (:func:`build_reference`), from the sa
 policy (``model.megatron_checkpoint`` or ``model.hf_dir``), so a resumed run still compares with
 the *initial* weights. Its log-probs come from
 :meth:`~dapo_megatron.policy.train_step.PolicyTrainer.log_probs_of`, the pass that computes
-the old log-probs: no grad, vocab-parallel, the policy's data-parallel split, micro-batching and
-``rollout.temperature``. On CUDA its weights live on the CPU between uses (moved in for the pass,
-out after), so it costs no GPU memory during generation and the update.
+the old log-probs: no grad, vocab-parallel, on this rank's rows, with the policy's micro-batching,
+``rollout.temperature`` and top-k/top-p. On CUDA its weights live on the CPU between uses (moved in
+for the pass, out after), so it costs no GPU memory during generation and the update.
 
-KL in the reward (``use_kl_loss: false``) needs one number per sequence on every rank:
-:func:`sequence_kl_sums` reduces the per-sequence sums over the ranks that hold them.
+Only the KL loss (``use_kl_loss: true``) uses it; KL in the reward is refused by the config.
 """
 
 from __future__ import annotations
