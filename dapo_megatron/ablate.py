@@ -39,6 +39,8 @@ class Arm:
     parent: str | None
     overrides: tuple[str, ...]
     description: str = ""
+    #: the plot panel: ``"chain"`` (the paper's table, GRPO -> DAPO) or ``"beyond"`` (options on DAPO)
+    group: str = "chain"
 
 
 GRPO = (
@@ -71,11 +73,12 @@ ARMS: dict[str, Arm] = {
             "dapo",
             ("algorithm.token_weighting=entropy_top_rho",),
             "DAPO + top-20% entropy tokens",
+            "beyond",
         ),
-        Arm("dapo+clip_cov", "dapo", ("algorithm.policy_loss=clip_cov",), "DAPO + Clip-Cov"),
-        Arm("dapo+kl_cov", "dapo", ("algorithm.policy_loss=kl_cov",), "DAPO + KL-Cov"),
-        Arm("dapo+adaptive_clip", "dapo", ("algorithm.adaptive_clip_high=true",), "DAPO + entropy-targeted Clip-Higher"),
-        Arm("dapo+prompt_skipping", "dapo", ("algorithm.prompt_skipping=true",), "DAPO + prompt skipping"),
+        Arm("dapo+clip_cov", "dapo", ("algorithm.policy_loss=clip_cov",), "DAPO + Clip-Cov", "beyond"),
+        Arm("dapo+kl_cov", "dapo", ("algorithm.policy_loss=kl_cov",), "DAPO + KL-Cov", "beyond"),
+        Arm("dapo+adaptive_clip", "dapo", ("algorithm.adaptive_clip_high=true",), "DAPO + entropy-targeted Clip-Higher", "beyond"),
+        Arm("dapo+prompt_skipping", "dapo", ("algorithm.prompt_skipping=true",), "DAPO + prompt skipping", "beyond"),
     )
 }
 
@@ -219,8 +222,10 @@ def run_summary(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
     ``val``: ``[(step, avg@k, generated responses so far)]``; ``final_val`` / ``best_val``: the last
     and the largest of them; ``samples_to_target``: responses generated (dynamic-sampling rounds
     included) up to the first validation with avg@k >= ``target`` (``None``: never reached);
-    ``final_entropy``: the last step's policy entropy; ``clipfrac_low`` / ``clipfrac_high``: means
-    over the training steps; series per step for the plots.
+    ``gain``: ``final_val`` minus the first validation (step 0, the starting policy);
+    ``final_entropy``: the last step's policy entropy; ``clipfrac_low`` / ``clipfrac_high`` /
+    ``responses_per_group`` (responses generated per group trained on): means over the training
+    steps; series per step for the plots.
     """
     key = _val_key(rows)
     generated, val, steps = 0.0, [], []
@@ -241,10 +246,12 @@ def run_summary(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
         "val": val,
         "final_val": val[-1][1] if val else math.nan,
         "best_val": max(acc for _, acc, _ in val) if val else math.nan,
+        "gain": val[-1][1] - val[0][1] if val else math.nan,
         "samples_to_target": reach,
         "final_entropy": steps[-1]["entropy"] if steps else math.nan,
         "clipfrac_low": mean("pg_clipfrac_low"),
         "clipfrac_high": mean("pg_clipfrac_high"),
+        "responses_per_group": mean("rollout/responses_per_kept_group"),
         "final_response_length": steps[-1].get("response_length/mean", math.nan) if steps else math.nan,
         "final_truncated": steps[-1].get("response_length/clip_ratio", math.nan) if steps else math.nan,
         "generated": generated,
@@ -266,8 +273,10 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 COLUMNS = (
     ("final_val", "final val avg@k", "{:.3f}"),
     ("best_val", "best val", "{:.3f}"),
+    ("gain", "gain over step 0", "{:+.3f}"),
     ("samples_to_target", "responses to target", "{:.0f}"),
     ("generated", "responses generated", "{:.0f}"),
+    ("responses_per_group", "responses per trained group", "{:.1f}"),
     ("final_entropy", "final entropy", "{:.3f}"),
     ("clipfrac_low", "clipfrac low", "{:.4f}"),
     ("clipfrac_high", "clipfrac high", "{:.4f}"),
@@ -308,8 +317,24 @@ def markdown_table(agg: dict[str, dict[str, Any]], *, target: float, val_key: st
     return "\n".join(lines) + "\n"
 
 
+def plot_panels(summaries: dict[str, list[dict[str, Any]]]) -> list[tuple[str, list[str]]]:
+    """The plot panels: ``(title, arms)`` per :attr:`Arm.group` present, ``dapo`` in each as the
+    reference line (an arm missing from :data:`ARMS` goes with the chain)."""
+    groups: dict[str, list[str]] = {}
+    for arm in summaries:
+        groups.setdefault(ARMS[arm].group if arm in ARMS else "chain", []).append(arm)
+    titles = {"chain": "GRPO -> DAPO (the paper's table)", "beyond": "beyond DAPO (options on DAPO)"}
+    panels = []
+    for group, arms in groups.items():
+        if "dapo" in summaries and "dapo" not in arms:
+            arms = ["dapo", *arms]
+        panels.append((titles.get(group, group), arms))
+    return panels
+
+
 def plot(summaries: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
-    """One PNG per quantity, one line per arm (mean over seeds) with a +-1 std band."""
+    """One PNG per quantity, a panel per arm group (:func:`plot_panels`), one line per arm (mean
+    over seeds) with a +-1 std band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,20 +361,25 @@ def plot(summaries: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
         ("entropy_vs_step.png", "step", "policy entropy", lambda r: r["steps"], lambda r: r["entropy"]),
         ("response_length_vs_step.png", "step", "mean response length", lambda r: r["steps"], lambda r: r["response_length"]),
     ]
+    panels = plot_panels(summaries)
+    colors = {arm: f"C{i % 10}" for i, arm in enumerate(summaries)}
     paths = []
     for name, xlabel, ylabel, xs_of, ys_of in specs:
-        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
-        for arm, runs in summaries.items():
-            s = series(runs, xs_of, ys_of) if runs else None
-            if s is None:
-                continue
-            xs, m, sd = s
-            (line,) = ax.plot(xs, m, label=arm, lw=1.4)
-            ax.fill_between(xs, m - sd, m + sd, color=line.get_color(), alpha=0.15, lw=0)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), dpi=90, squeeze=False, sharey=True)
+        for ax, (title, arms) in zip(axes[0], panels):
+            for arm in arms:
+                runs = summaries[arm]
+                s = series(runs, xs_of, ys_of) if runs else None
+                if s is None:
+                    continue
+                xs, m, sd = s
+                ax.plot(xs, m, label=f"{arm} ({len(runs)})", lw=1.4, color=colors[arm])
+                ax.fill_between(xs, m - sd, m + sd, color=colors[arm], alpha=0.12, lw=0)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, ncol=2)
+        axes[0][0].set_ylabel(ylabel)
         fig.tight_layout()
         path = out / name
         fig.savefig(path)

@@ -62,6 +62,7 @@ def _rows(vals, entropies, clip_high, per_step_generated=10.0):
             "pg_clipfrac_high": clip_high[step - 1],
             "response_length/mean": 5.0 + step,
             "response_length/clip_ratio": 0.1,
+            "rollout/responses_per_kept_group": 8.0 * step,
         }
         if step % 2 == 0:
             r["val/acc_avg@4"] = vals[step // 2]
@@ -75,6 +76,8 @@ def test_run_summary_and_aggregation_hand_computed():
     assert (r1["final_val"], r1["best_val"], r1["final_entropy"]) == (0.4, 0.5, 0.7)
     assert r1["samples_to_target"] == 20.0  # first reached at step 2, after 2 x 10 responses
     assert r1["clipfrac_high"] == pytest.approx(0.25)
+    assert r1["gain"] == pytest.approx(0.4 - 0.2)  # final minus step 0
+    assert r1["responses_per_group"] == pytest.approx(8.0 * (1 + 2 + 3 + 4) / 4)
     rows = _rows([0.2, 0.5, 0.4], [1.0, 0.9, 0.8, 0.7], [0.1, 0.2, 0.3, 0.4])
     assert run_summary([rows[0], *rows], target=0.45)["val"] == r1["val"]  # a repeated step counts once
     r2 = run_summary(_rows([0.2, 0.3, 0.6], [1.0, 1.0, 1.0, 0.5], [0.0] * 4, 30.0), target=0.45)
@@ -90,6 +93,18 @@ def test_run_summary_and_aggregation_hand_computed():
     assert agg["final_entropy"][0] == pytest.approx((0.7 + 0.5 + 1.0) / 3)
     table = ablate.markdown_table({"arm": agg}, target=0.45)
     assert "0.433 ± 0.153" in table and "(2/3 reached 0.45)" in table
+
+
+def test_plot_panels_split_chain_and_beyond_with_dapo_in_each():
+    summaries = {a: [] for a in ("grpo", "dapo", "dapo+overlong_filter", "dapo+clip_cov", "dapo+kl_cov")}
+    panels = dict(ablate.plot_panels(summaries))
+    assert list(panels.values()) == [
+        ["grpo", "dapo", "dapo+overlong_filter"],
+        ["dapo", "dapo+clip_cov", "dapo+kl_cov"],
+    ]
+    assert [a for a, arm in ablate.ARMS.items() if arm.group == "beyond"] == [
+        "dapo+entropy_top_rho", "dapo+clip_cov", "dapo+kl_cov", "dapo+adaptive_clip", "dapo+prompt_skipping",
+    ]  # fmt: skip
 
 
 def test_pending_runs_skip_finished(tmp_path):
