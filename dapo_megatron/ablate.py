@@ -309,7 +309,7 @@ def markdown_table(agg: dict[str, dict[str, Any]], *, target: float, val_key: st
             elif row["seeds"] == 1:
                 cell = fmt.format(m)  # no spread from one seed
             else:
-                cell = f"{fmt.format(m)} ± {fmt.format(s)}"
+                cell = f"{fmt.format(m)} ± {fmt.replace('+', '').format(s)}"  # a spread has no sign
             if key == "samples_to_target":
                 cell = f"{cell} ({row['reached']}/{row['seeds']} reached {target:g})"
             cells.append(cell)

@@ -93,6 +93,7 @@ def test_run_summary_and_aggregation_hand_computed():
     assert agg["final_entropy"][0] == pytest.approx((0.7 + 0.5 + 1.0) / 3)
     table = ablate.markdown_table({"arm": agg}, target=0.45)
     assert "0.433 ± 0.153" in table and "(2/3 reached 0.45)" in table
+    assert f"| {agg['gain'][0]:+.3f} ± {agg['gain'][1]:.3f} |" in table  # signed mean, unsigned spread
 
 
 def test_plot_panels_split_chain_and_beyond_with_dapo_in_each():
