@@ -164,7 +164,10 @@ def test_override_value_types():
             "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1",
         ),
         ("model.dtype=float32", "model.dtype must be one of 'fp32', 'bf16', 'fp16'"),
-        ("preset=dapoo", "preset must be one of ['dapo', 'dr_grpo', 'grpo'], got 'dapoo' (did you mean 'dapo'?)"),
+        (
+            "preset=dapoo",
+            "preset must be one of ['dapo', 'dr_grpo', 'grpo'], got 'dapoo' (did you mean 'dapo'?)",
+        ),
         ("trainer", "must look like section.key=value"),
     ],
 )
@@ -274,8 +277,11 @@ def test_config_from_argv(tmp_path):
     assert cfg.data.train_files == ["t.jsonl"]
 
 
-def test_kl_in_the_reward_is_refused_by_name():
-    with pytest.raises(ValueError, match="algorithm.use_kl_loss"):
-        load_config(None, REQUIRED + ["algorithm.kl_coef=0.001", "algorithm.use_kl_loss=false"])
+def test_kl_in_the_loss_or_in_the_reward():
     cfg = load_config(None, REQUIRED, preset="grpo")  # GRPO's KL is in the loss
-    assert cfg.algorithm.use_kl_loss and cfg.algorithm.kl_coef == 0.001
+    assert cfg.algorithm.use_kl_loss and cfg.algorithm.kl_coef == 0.001 and not cfg.algorithm.kl_in_reward
+    cfg = load_config(None, REQUIRED + ["algorithm.use_kl_loss=false"], preset="grpo")
+    assert cfg.algorithm.kl_in_reward
+    assert not load_config(
+        None, REQUIRED + ["algorithm.use_kl_loss=false"]
+    ).algorithm.kl_in_reward  # kl_coef 0

@@ -8,7 +8,7 @@ weights) is defined once, in :mod:`dapo_megatron.algo.aggregation`.
 
 One concern per module: ``policy_loss`` (clipped surrogate), ``aggregation`` (loss modes),
 ``advantages`` (group-relative advantages), ``reward_shaping`` (overlong penalty / filter),
-``dynamic_sampling`` (group filter and batch refill), ``kl`` (optional KL estimators), ``importance``
+``dynamic_sampling`` (group filter and batch refill), ``kl`` (optional KL estimators, per-token and summed per sequence), ``importance``
 (trainer / inference mismatch), ``config`` (the one frozen algorithm config), ``presets`` (GRPO,
 DAPO, Dr.GRPO as instances of it). The optional entropy bonus needs
 no function of its own: ``loss - entropy_coef * aggregate_loss(entropy, mask, mode)`` with the
@@ -24,7 +24,7 @@ from dapo_megatron.algo.dynamic_sampling import (
     select_informative_groups,
 )
 from dapo_megatron.algo.importance import logprob_mismatch_metrics, truncated_importance_weights
-from dapo_megatron.algo.kl import KL_ESTIMATORS, kl_penalty
+from dapo_megatron.algo.kl import KL_ESTIMATORS, kl_penalty, sequence_kl_sums
 from dapo_megatron.algo.policy_loss import policy_loss
 from dapo_megatron.algo.presets import ALGORITHM_PRESETS, get_preset
 from dapo_megatron.algo.reward_shaping import overlong_mask, overlong_penalty
@@ -47,5 +47,6 @@ __all__ = [
     "overlong_penalty",
     "policy_loss",
     "select_informative_groups",
+    "sequence_kl_sums",
     "truncated_importance_weights",
 ]

@@ -31,7 +31,9 @@ class AlgorithmConfig(TypedSection):
 
     _section: ClassVar[str] = "algorithm"
 
-    clip_ratio_low: float = doc_field(0.2, "eps_low: the ratio is clipped below at 1 - clip_ratio_low, in [0, 1).")
+    clip_ratio_low: float = doc_field(
+        0.2, "eps_low: the ratio is clipped below at 1 - clip_ratio_low, in [0, 1)."
+    )
     clip_ratio_high: float = doc_field(
         0.28, "eps_high: the ratio is clipped above at 1 + clip_ratio_high (Clip-Higher)."
     )
@@ -63,12 +65,21 @@ class AlgorithmConfig(TypedSection):
         1.0, "Penalty at the hard limit (linear ramp over the buffer)."
     )
     overlong_filter: bool = doc_field(False, "Mask the loss of truncated responses (overlong filtering).")
-    kl_coef: float = doc_field(0.0, "KL penalty coefficient against the reference model; 0 = no KL (DAPO).")
+    kl_coef: float = doc_field(
+        0.0,
+        "beta: KL penalty coefficient against the reference model (the frozen initial policy, built "
+        "only when > 0); 0 = no KL (DAPO). Where the penalty goes: use_kl_loss.",
+    )
     kl_type: KLType = doc_field(
-        "low_var_kl", "KL estimator (low_var_kl = clamped k3, as in GRPO)."
+        "low_var_kl",
+        "KL estimator (low_var_kl = clamped k3, as in GRPO), for the KL loss and the KL in the reward.",
     )
     use_kl_loss: bool = doc_field(
-        False, "true: add the KL term to the loss (GRPO). false with kl_coef > 0 (KL in the reward) is refused for now."
+        False,
+        "With kl_coef > 0: true = add kl_coef * KL_t to the loss, aggregated like the policy loss (GRPO); "
+        "false = KL in the reward (verl use_kl_in_reward): each response's reward becomes "
+        "reward - kl_coef * sum_t KL_t over its response tokens before the group advantages "
+        "(metric actor/kl_in_reward).",
     )
     entropy_coef: float = doc_field(0.0, "Entropy bonus coefficient (>= 0); 0 = off.")
     tis_cap: float | None = doc_field(
@@ -126,6 +137,11 @@ class AlgorithmConfig(TypedSection):
     prompt_skipping_explore_prob: float = doc_field(
         0.5, "prompt_skipping: keep probability per zero-advantage epoch in a row, in (0, 1]."
     )
+
+    @property
+    def kl_in_reward(self) -> bool:
+        """The KL penalty goes into the reward (``kl_coef > 0`` and not ``use_kl_loss``)."""
+        return self.kl_coef > 0 and not self.use_kl_loss
 
     def validate(self) -> None:
         self._require(0 < self.token_weighting_rho <= 1, "token_weighting_rho", "in (0, 1]")

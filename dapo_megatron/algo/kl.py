@@ -11,8 +11,10 @@ KL divergence")::
 As in verl, ``k3`` / ``low_var_kl`` clamp ``-x`` to ``[-20, 20]`` before ``exp`` and the result to
 ``[-10, 10]``; ``mse`` and ``low_var_kl`` are verl's names. Reduce with
 :func:`~dapo_megatron.algo.aggregation.aggregate_loss` for a KL loss (GRPO:
-``kl_coef * aggregate_loss(kl_penalty(...), mask, mode)``), or subtract ``kl_coef * kl_penalty(...)``
-from the token rewards (KL in reward).
+``kl_coef * aggregate_loss(kl_penalty(...), mask, mode)``), or, for KL in the reward with outcome
+(group) advantages, subtract ``kl_coef * sequence_kl_sums(...)`` from each response's scalar reward:
+the token rewards ``score * [t = last] - kl_coef * KL_t`` summed over the response
+(:func:`sequence_kl_sums`).
 """
 
 from __future__ import annotations
@@ -81,3 +83,37 @@ def kl_penalty(
             as_bool_mask(response_mask), log_ratio, torch.zeros((), dtype=dtype, device=log_ratio.device)
         )
     return KL_ESTIMATORS[kind](log_ratio)
+
+
+def sequence_kl_sums(
+    log_prob: torch.Tensor,
+    ref_log_prob: torch.Tensor,
+    response_mask: torch.Tensor,
+    kind: str = "low_var_kl",
+) -> torch.Tensor:
+    """Per-sequence KL of each response to the reference: the sum of the token estimates.
+
+    For row ``i`` with response mask ``m``::
+
+        KL_i = sum_t m[i, t] * k(log_prob[i, t] - ref_log_prob[i, t])
+
+    with ``k`` the estimator ``kind`` (module docstring). KL in the reward (verl
+    ``use_kl_in_reward``) uses token rewards ``r_t = score * [t = last] - beta * k_t``; an outcome
+    (group) advantage sees only their sum over the response, ``score - beta * KL_i``, so the
+    shaped scalar reward of a response is ``reward_i - beta * KL_i``.
+
+    Args:
+        log_prob: ``[B, T]`` log-probabilities of the sampled tokens under the rollout policy.
+        ref_log_prob: ``[B, T]`` under the reference policy.
+        response_mask: ``[B, T]`` bool or 0/1, the response tokens of each row.
+        kind: a key of :data:`KL_ESTIMATORS`.
+
+    Returns:
+        ``[B]`` float64 (summed in float64; no gradient).
+
+    Raises:
+        ValueError: unknown ``kind`` or shape mismatch.
+    """
+    check_rank("response_mask", response_mask, 2)
+    kl = kl_penalty(log_prob.detach(), ref_log_prob, kind, response_mask=response_mask)
+    return kl.to(torch.float64).sum(dim=-1)

@@ -41,7 +41,9 @@ class ModelConfig(TypedSection):
 
     _section: ClassVar[str] = "model"
 
-    hf_dir: str = doc_field("", "Path to a Hugging Face model directory (config, tokenizer, weights). Required.")
+    hf_dir: str = doc_field(
+        "", "Path to a Hugging Face model directory (config, tokenizer, weights). Required."
+    )
     megatron_checkpoint: str | None = doc_field(
         None, "Optional path to an already converted Megatron checkpoint; null = convert from hf_dir."
     )
@@ -132,7 +134,9 @@ class DataConfig(TypedSection):
 
     _section: ClassVar[str] = "data"
 
-    train_files: list[str] = doc_field(doc="Training prompt files (.parquet or .jsonl). Required.", factory=list)
+    train_files: list[str] = doc_field(
+        doc="Training prompt files (.parquet or .jsonl). Required.", factory=list
+    )
     val_files: list[str] = doc_field(
         doc="Validation prompt files (.parquet or .jsonl); empty = no validation.", factory=list
     )
@@ -204,7 +208,9 @@ class RolloutConfig(TypedSection):
         self._require(0 < self.val_top_p <= 1, "val_top_p", "in (0, 1]")
         self._require(self.val_top_k == -1 or self.val_top_k >= 1, "val_top_k", "-1 (off) or >= 1")
         self._require(
-            self.tensor_parallel_size is None or self.tensor_parallel_size >= 1, "tensor_parallel_size", ">= 1 or null"
+            self.tensor_parallel_size is None or self.tensor_parallel_size >= 1,
+            "tensor_parallel_size",
+            ">= 1 or null",
         )
         self._require(
             "tensor_parallel_size" not in self.engine_options,
@@ -224,7 +230,9 @@ class RewardConfig(TypedSection):
         "Import path 'package.module:function' of fn(response, ground_truth) -> dict(score, acc, pred) or float.",
     )
     num_workers: int = doc_field(4, "Reward worker processes; 0 = run in the trainer process (no timeout).")
-    timeout_s: float = doc_field(10.0, "Per-response timeout; a hung call is killed and scored failure_score.")
+    timeout_s: float = doc_field(
+        10.0, "Per-response timeout; a hung call is killed and scored failure_score."
+    )
     failure_score: float = doc_field(-1.0, "Score given to a response whose reward call timed out or raised.")
 
     def validate(self) -> None:
@@ -396,13 +404,6 @@ class DapoConfig:
                 f"trainer.gen_batch_size must equal trainer.train_batch_size when "
                 f"algorithm.dynamic_sampling is false, got {t.gen_batch_size} and {t.train_batch_size} "
                 f"(set trainer.gen_batch_size={t.train_batch_size})"
-            )
-        if a.kl_coef > 0 and not a.use_kl_loss:
-            # The group advantage of KL-shaped rewards needs every member of a group; the sharded
-            # data plane splits groups over data-parallel ranks by token count.
-            raise ValueError(
-                "algorithm.kl_coef > 0 with algorithm.use_kl_loss=false (KL in the reward) is not "
-                "supported yet; set algorithm.use_kl_loss=true (KL in the loss) or algorithm.kl_coef=0"
             )
         if a.overlong_buffer_enable and a.overlong_buffer_len >= r.max_response_length:
             raise ValueError(

@@ -2,7 +2,8 @@
 
 One spelling per field, everywhere (rollout, data plane, loss, tests). All per-token tensors are
 ``[N, S]``, right-padded, aligned with ``input_ids`` (position ``t`` scores token ``t``; prompt and
-padding positions are zero and masked out by ``response_mask``).
+padding positions are zero and masked out by ``response_mask``); the per-row tensors
+(:attr:`RolloutBatch.PER_ROW`) are ``[N]``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -32,7 +34,21 @@ class RolloutBatch:
         token_weights: ``[N, S]`` float per-token loss weights, or ``None``.
         routed_experts: ``[N, S, num_layers, top_k]`` long, the engine's expert choices per token
             (MoE routing replay, ``model.routing_replay=rollout``), or ``None``.
+        sequence_rewards: ``[N]`` float64, the shaped scalar reward of each row (score plus the
+            overlong penalty: what ``advantages`` were computed from), or ``None``. This field and
+            the next two are set only with KL in the reward (``algorithm.kl_coef > 0``,
+            ``use_kl_loss: false``), where the trainer recomputes the group advantages from
+            KL-shaped rewards (:func:`~dapo_megatron.trainer.rollout.kl_in_reward_advantages`).
+        sequence_ids: ``[N]`` long, the row's position in the step's whole batch, in the order
+            (round, engine, prompt, response) of :func:`~dapo_megatron.trainer.rollout.deliver_rows`;
+            its group (prompt) is ``sequence_ids // rollout.n``; or ``None``.
+        prompt_lengths: ``[N]`` long, the prompt length of each row, or ``None``: its response
+            tokens are the positions ``prompt_lengths <= t < seq_lengths`` (also for a row out of the
+            loss, whose ``response_mask`` is 0).
     """
+
+    PER_ROW: ClassVar[tuple[str, ...]] = ("seq_lengths", "sequence_rewards", "sequence_ids", "prompt_lengths")
+    """The ``[N]`` fields (one value per row); every other field is per token."""
 
     input_ids: torch.Tensor
     seq_lengths: torch.Tensor
@@ -43,6 +59,9 @@ class RolloutBatch:
     ref_log_probs: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None
     routed_experts: torch.Tensor | None = None
+    sequence_rewards: torch.Tensor | None = None
+    sequence_ids: torch.Tensor | None = None
+    prompt_lengths: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2:
@@ -50,15 +69,16 @@ class RolloutBatch:
                 f"RolloutBatch.input_ids must be [N, S], got shape {tuple(self.input_ids.shape)}"
             )
         n, s = self.input_ids.shape
-        if tuple(self.seq_lengths.shape) != (n,):
-            raise ValueError(f"RolloutBatch.seq_lengths must be [{n}], got {tuple(self.seq_lengths.shape)}")
         for name, t in self.tensors().items():
-            if name == "routed_experts":
+            if name in self.PER_ROW:
+                if tuple(t.shape) != (n,):
+                    raise ValueError(f"RolloutBatch.{name} must be [{n}], got {tuple(t.shape)}")
+            elif name == "routed_experts":
                 if t.dim() != 4 or tuple(t.shape[:2]) != (n, s):
                     raise ValueError(
                         f"RolloutBatch.routed_experts must be [{n}, {s}, layers, top_k], got {tuple(t.shape)}"
                     )
-            elif name not in ("input_ids", "seq_lengths") and tuple(t.shape) != (n, s):
+            elif name != "input_ids" and tuple(t.shape) != (n, s):
                 raise ValueError(
                     f"RolloutBatch.{name} must be [{n}, {s}] like input_ids, got {tuple(t.shape)}"
                 )
@@ -90,7 +110,7 @@ class RolloutBatch:
         )
         width = int(self.seq_lengths[idx].max()) if idx.numel() else 0
         return RolloutBatch(
-            **{k: (t[idx] if k == "seq_lengths" else t[idx, :width]) for k, t in self.tensors().items()}
+            **{k: (t[idx] if k in self.PER_ROW else t[idx, :width]) for k, t in self.tensors().items()}
         )
 
     # Mapping-style access by field name (``batch["old_log_probs"]``), for code that fills fields

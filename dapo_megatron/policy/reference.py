@@ -8,7 +8,9 @@ the old log-probs: no grad, vocab-parallel, on this rank's rows, with the policy
 ``rollout.temperature`` and top-k/top-p. On CUDA its weights live on the CPU between uses (moved in
 for the pass, out after), so it costs no GPU memory during generation and the update.
 
-Only the KL loss (``use_kl_loss: true``) uses it; KL in the reward is refused by the config.
+The KL loss (``use_kl_loss: true``) uses its log-probs per token; KL in the reward
+(``use_kl_loss: false``) sums them per response into the reward before the group advantages
+(:func:`~dapo_megatron.trainer.rollout.kl_in_reward_advantages`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ Per step::
               dynamic sampling with globally all-reduced counts; group advantages)
       -> data plane: each sequence, as tensors, to the data-parallel replica that trains it
       -> old log-probs (Megatron, no grad) -> mismatch vs engine log-probs
+      -> with kl_coef > 0: reference log-probs (KL loss, or KL in the reward: group advantages of
+         the KL-shaped rewards, recomputed from a small all-gather)
       -> mini-batch DAPO updates (Megatron, token-level loss over the global batch)
       -> weight sync (each replica -> its own engine(s), in parallel) -> metrics -> checkpoint / validation
 
@@ -187,7 +189,7 @@ class DapoTrainer:
         t_logprob = time.monotonic() - t0 - t_rollout
         mismatch = self._mismatch(batch)
         if self.reference is not None:
-            mismatch.update(self._reference_kl(batch))
+            mismatch.update(self.apply_reference(batch))
 
         n_seq = cfg.trainer.ppo_mini_batch_size * cfg.rollout.n // self.dp  # per data-parallel rank
         clip_high = self.clip_high.value
@@ -215,23 +217,46 @@ class DapoTrainer:
         )
         return metrics
 
+    @property
+    def _counts_rows(self) -> bool:
+        """Whether this rank's rows count in reductions over the batch: one rank per replica (old and
+        reference log-probs are filled on the last pipeline stage, the same on its TP ranks and
+        whole on every CP rank, so TP rank 0 and CP rank 0 of the last stage)."""
+        return self.policy.reports_metrics and self.policy.cp_rank == 0
+
     def _reduce_over_batch(self, report: dict[str, torch.Tensor]) -> dict[str, float]:
         """``report`` (sums, and ``*_max`` maxima) of this rank's rows, reduced over every sequence of
-        the step: one rank per replica counts (old and reference log-probs are whole on every CP
-        rank, so CP rank 0 alone)."""
+        the step (the rows of :attr:`_counts_rows` ranks)."""
         from dapo_megatron.policy.metrics import reduce_reports
 
-        contributes = self.policy.reports_metrics and self.policy.cp_rank == 0
-        return reduce_reports([report], keys=list(report), contributes=contributes, group=self.groups.world)
+        return reduce_reports(
+            [report], keys=list(report), contributes=self._counts_rows, group=self.groups.world
+        )
 
-    def _reference_kl(self, batch) -> dict[str, float]:
-        """Reference log-probs (for the KL loss) and the mean KL to the reference over all tokens."""
+    def apply_reference(self, batch) -> dict[str, float]:
+        """Reference log-probs of ``batch`` (after its old log-probs) and the mean KL to the
+        reference over all tokens; with KL in the reward also the batch's advantages of the
+        KL-shaped rewards (:func:`~dapo_megatron.trainer.rollout.kl_in_reward_advantages`)."""
+        from dapo_megatron.trainer.rollout import kl_in_reward_advantages
+
         algo = self.cfg.algorithm
         batch["ref_log_probs"] = self.reference.compute_log_probs(self.policy, batch)
         mask = batch.response_mask
         kl = kl_penalty(batch.old_log_probs, batch.ref_log_probs, kind=algo.kl_type, response_mask=mask)
         tot = self._reduce_over_batch({"kl_sum": kl.double().sum(), "tokens": mask.double().sum()})
-        return {"ref_kl/mean": tot["kl_sum"] / max(tot["tokens"], 1.0)}
+        out = {"ref_kl/mean": tot["kl_sum"] / max(tot["tokens"], 1.0)}
+        if algo.kl_in_reward:
+            out.update(
+                kl_in_reward_advantages(
+                    batch,
+                    kl_coef=algo.kl_coef,
+                    kl_type=algo.kl_type,
+                    n=self.cfg.rollout.n,
+                    norm_by_std=algo.norm_adv_by_std,
+                    contributes=self._counts_rows,
+                )
+            )
+        return out
 
     def _mismatch(self, batch) -> dict[str, float]:
         """Trainer vs engine log-probs of the same tokens, reduced over all sequences: both of the

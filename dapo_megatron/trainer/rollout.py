@@ -18,6 +18,10 @@ Every rank runs :meth:`RolloutCollector.collect`; the engines live on the leader
    data-parallel split (:func:`~dapo_megatron.parallel.data.assign_data_parallel`) and each
    leader sends each replica's rows, as tensors, to that replica's ranks
    (:func:`~dapo_megatron.parallel.exchange.exchange`). A rank receives ~``batch / dp`` rows.
+6. KL in the reward only (``algorithm.kl_coef > 0``, ``use_kl_loss: false``): the rows also carry
+   their shaped rewards, and once the training ranks have the old and reference log-probs,
+   :func:`kl_in_reward_advantages` recomputes the group advantages of ``reward - kl_coef * KL``
+   from a small all-gather (a group's responses sit on several data-parallel ranks).
 
 Shaping, filtering and advantages happen here and only here; the math is :mod:`dapo_megatron.algo`.
 """
@@ -31,7 +35,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dapo_megatron.algo import group_advantages, overlong_mask, overlong_penalty, select_informative_groups
+from dapo_megatron.algo import (
+    broadcast_advantages,
+    group_advantages,
+    overlong_mask,
+    overlong_penalty,
+    select_informative_groups,
+    sequence_kl_sums,
+)
 from dapo_megatron.algo.dynamic_sampling import exhausted_error
 from dapo_megatron.parallel.data import assign_data_parallel
 from dapo_megatron.parallel.exchange import all_gather_cpu, all_reduce_cpu, exchange
@@ -55,6 +66,7 @@ class Row:
     rollout_log_probs: list[float]
     advantage: float
     in_loss: bool  # False: dropped from the loss by overlong filtering
+    reward: float = 0.0  # the shaped scalar reward; delivered only with KL in the reward
 
 
 class EngineError(RuntimeError):
@@ -311,7 +323,7 @@ class RolloutCollector:
                 torch.tensor([s["truncated"] for s in samples]),
             )
         return [
-            Row(s["prompt_ids"], s["response_ids"], s["rollout_log_probs"], float(a), bool(k))
+            Row(s["prompt_ids"], s["response_ids"], s["rollout_log_probs"], float(a), bool(k), s["reward"])
             for s, a, k in zip(samples, adv.tolist(), keep.tolist())
         ]
 
@@ -325,6 +337,7 @@ class RolloutCollector:
             placement=self.placement,
             groups=self.groups,
             pad_id=self.pad_id,
+            with_rewards=self.cfg.algorithm.kl_in_reward,
         )
 
     # ------------------------------------------------------------------------------ validation
@@ -374,6 +387,7 @@ def deliver_rows(
     placement: EnginePlacement,
     groups,
     pad_id: int = 0,
+    with_rewards: bool = False,
 ) -> tuple[RolloutBatch, dict[str, float]]:
     """The data plane: each kept row, as tensors, to the data-parallel replica that trains it.
 
@@ -382,6 +396,10 @@ def deliver_rows(
         take: ``take[r][e]`` = groups of engine ``e`` kept in round ``r`` (the same on every rank).
         n: responses per group; mini_batch_size: sequences per optimizer update over all ranks.
         placement, groups: engine placement and this rank's process groups.
+        with_rewards: also deliver each row's shaped reward (float64, exact), global position and
+            prompt length (``sequence_rewards``, ``sequence_ids``, ``prompt_lengths``), for KL in
+            the reward; positions and prompt lengths follow from the gathered lengths, so only the
+            rewards travel (8 bytes a row).
 
     Only the lengths of every row are all-gathered; every rank then computes the same split
     (:func:`~dapo_megatron.parallel.data.assign_data_parallel`) and each leader sends each replica's
@@ -435,10 +453,14 @@ def deliver_rows(
                 ],
                 dtype=torch.float32,
             )
+            payload = [toks, vals]
+            if with_rewards:
+                payload.append(torch.tensor([rows[j].reward for j in idx], dtype=torch.float64))
             for rank in groups.replica_ranks[d]:
-                sends[rank] = [toks, vals]
+                sends[rank] = list(payload)
     mine_idx = assignment[groups.dp_rank]
     recvs: dict[int, list[torch.Tensor]] = {}
+    reward_bufs: dict[int, torch.Tensor] = {}  # with_rewards: engine -> its rows' rewards, in row order
     for e in range(num_engines):
         idx = [owner[g][1] for g in mine_idx if owner[g][0] == e]
         if idx:
@@ -447,6 +469,9 @@ def deliver_rows(
                 torch.empty(toks, dtype=torch.long),
                 torch.empty(vals, dtype=torch.float32),
             ]
+            if with_rewards:
+                reward_bufs[e] = torch.empty(len(idx), dtype=torch.float64)
+                recvs[placement.leaders[e]].append(reward_bufs[e])
     received = exchange(sends, recvs)
 
     # Unpack into this rank's batch, in assignment order.
@@ -460,7 +485,7 @@ def deliver_rows(
     for i, g in enumerate(mine_idx):
         e, j = owner[g]
         p, r = int(lens[e][j, 0]), int(lens[e][j, 1])
-        toks, vals = recvs[placement.leaders[e]]
+        toks, vals = recvs[placement.leaders[e]][:2]
         ti, vi = cursor[e]
         input_ids[i, : p + r] = toks[ti : ti + p + r]
         adv, in_loss = float(vals[vi]), float(vals[vi + 1])
@@ -469,12 +494,25 @@ def deliver_rows(
         rollout_log_probs[i, p : p + r] = vals[vi + 2 : vi + 2 + r]
         lengths[i] = p + r
         cursor[e] = [ti + p + r, vi + 2 + r]
+    per_row = {}
+    if with_rewards:
+        rewards, taken = torch.zeros(num, dtype=torch.float64), dict.fromkeys(range(num_engines), 0)
+        for i, g in enumerate(mine_idx):
+            e = owner[g][0]
+            rewards[i] = reward_bufs[e][taken[e]]
+            taken[e] += 1
+        per_row = {
+            "sequence_rewards": rewards,
+            "sequence_ids": torch.tensor(mine_idx, dtype=torch.long),
+            "prompt_lengths": torch.tensor([int(lens[owner[g][0]][owner[g][1], 0]) for g in mine_idx]),
+        }
     batch = RolloutBatch(
         input_ids=input_ids,
         seq_lengths=lengths,
         response_mask=response_mask,
         advantages=advantages,
         rollout_log_probs=rollout_log_probs,
+        **per_row,
     )
     most = torch.tensor([float(received)], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -483,6 +521,60 @@ def deliver_rows(
         "rollout/batch_bytes_per_rank": float(most),
         "rollout/batch_tokens": float(sum(seq_len)),
     }
+
+
+def kl_in_reward_advantages(
+    batch: RolloutBatch,
+    *,
+    kl_coef: float,
+    kl_type: str,
+    n: int,
+    norm_by_std: bool,
+    contributes: bool,
+) -> dict[str, float]:
+    """KL in the reward: replace ``batch.advantages`` by the group advantages of the KL-shaped
+    rewards ``reward_i - kl_coef * KL_i`` (:func:`~dapo_megatron.algo.sequence_kl_sums` over each
+    row's response tokens, estimator ``kl_type``), exact for the whole batch on every rank.
+
+    ``batch`` needs ``old_log_probs``, ``ref_log_probs`` and the fields of
+    :func:`deliver_rows` ``(with_rewards=True)``. A group's responses sit on several data-parallel
+    replicas, so every rank all-gathers (over all ranks) one row ``(sequence id, reward, KL)`` per
+    sequence (24 bytes) and recomputes :func:`~dapo_megatron.algo.group_advantages` (``norm_by_std``;
+    group = ``sequence id // n``) over the batch in its global order, the order the engines
+    computed the delivered advantages in: with ``kl_coef = 0`` the result equals them bit for bit.
+    Only ``contributes`` ranks count, one per replica: the log-probs are filled on the last pipeline
+    stage only and are the same on its TP and CP ranks (vocab-parallel, gathered), so the trainer
+    passes its reporting rank (last stage, TP rank 0, CP rank 0); gathering over every rank rather
+    than the data-parallel group gives the other stages the same advantages. Rows out of the loss
+    (overlong filtering) keep advantage 0 but count in their group's baseline, as in
+    :meth:`RolloutCollector.shape`.
+
+    Returns ``actor/kl_in_reward``: the mean per-sequence KL sum over the batch (the same on every rank).
+    """
+    for name in ("old_log_probs", "ref_log_probs", "sequence_rewards", "sequence_ids", "prompt_lengths"):
+        if name not in batch:
+            raise ValueError(f"KL in the reward needs RolloutBatch.{name}")
+    positions = torch.arange(batch.input_ids.shape[1])[None]
+    response = (positions >= batch.prompt_lengths[:, None]) & (positions < batch.seq_lengths[:, None])
+    kl = sequence_kl_sums(batch.old_log_probs, batch.ref_log_probs, response, kl_type)
+    mine = torch.stack([batch.sequence_ids.double(), batch.sequence_rewards.double(), kl], dim=1)
+    if not contributes:
+        mine[:, 0] = -1.0
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # (every rank holds the same number of rows: assign_data_parallel splits evenly)
+        mine = torch.cat(all_gather_cpu(mine))
+    every = mine[mine[:, 0] >= 0]
+    every = every[torch.argsort(every[:, 0])]
+    ids = every[:, 0].long()
+    if not torch.equal(ids, torch.arange(ids.numel())):
+        raise RuntimeError(
+            f"KL in the reward: the gathered sequence ids are not 0..{ids.numel() - 1} once each "
+            "(one contributing rank per data-parallel replica expected)"
+        )
+    shaped = every[:, 1] - kl_coef * every[:, 2]
+    adv = group_advantages(shaped, ids // n, norm_by_std=norm_by_std).float()
+    batch.advantages = broadcast_advantages(adv[batch.sequence_ids], batch.response_mask)
+    return {"actor/kl_in_reward": float(every[:, 2].mean())}
 
 
 def build_collector(cfg, placement: EnginePlacement, groups):
@@ -499,7 +591,9 @@ def build_collector(cfg, placement: EnginePlacement, groups):
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_dir or cfg.model.hf_dir)
     train = dataset_from_config(cfg.data, tokenizer, "train")
     val = dataset_from_config(cfg.data, tokenizer, "val") if cfg.data.val_files else None
-    sampler = EpochSampler(len(train), cfg.trainer.gen_batch_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+    sampler = EpochSampler(
+        len(train), cfg.trainer.gen_batch_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed
+    )
     engine = reward_pool = None
     rank = dist.get_rank() if dist.is_initialized() else 0
     if placement.is_leader(rank):
@@ -508,7 +602,9 @@ def build_collector(cfg, placement: EnginePlacement, groups):
         options = dict(cfg.rollout.engine_options)
         if cfg.rollout.engine == "vllm" and placement.ranks_per_engine > 1:
             options["tensor_parallel_size"] = placement.ranks_per_engine
-        engine = create_engine(cfg.rollout.engine, cfg.model.hf_dir, dtype=dtype, seed=cfg.trainer.seed, **options)
+        engine = create_engine(
+            cfg.rollout.engine, cfg.model.hf_dir, dtype=dtype, seed=cfg.trainer.seed, **options
+        )
     collector = RolloutCollector(
         cfg,
         placement=placement,
