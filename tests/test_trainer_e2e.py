@@ -175,9 +175,7 @@ def test_exact_resume_after_sigkill(demo_inputs, tmp_path, layout):
         *layout,
     )
     _train(demo_inputs, tmp_path / "straight", *common)
-    killed = _train(
-        demo_inputs, tmp_path / "resumed", *common, kill_after_step=2, check=False
-    )
+    killed = _train(demo_inputs, tmp_path / "resumed", *common, kill_after_step=2, check=False)
     assert killed.returncode == -signal.SIGKILL, f"the job was not killed (rc={killed.returncode})"
     assert [r["step"] for r in _metrics(tmp_path / "resumed")] == [1, 2]
     resumed = _train(demo_inputs, tmp_path / "resumed", *common)
@@ -195,6 +193,31 @@ def test_exact_resume_after_sigkill(demo_inputs, tmp_path, layout):
     engines = 2 if layout else 1
     for r in a:  # every engine got the updated weights after each step (trainer vs engine log-probs)
         assert r["rollout/num_engines"] == engines and r["rollout/logprob_diff_mean"] < 1e-4, r
+
+
+def test_grpo_preset_with_kl_in_reward(demo_inputs, tmp_path):
+    """``--preset grpo`` with its KL moved from the loss into the reward (``use_kl_loss=false``):
+    two steps of the real trainer at TP2 (one engine; TP rank 1 does not contribute to the
+    all-gather of KL-shaped rewards). At step 1 the reference is the policy itself, so the KL is
+    exactly 0; after step 1's updates it is positive."""
+    run = tmp_path / "grpo_kl_reward"
+    _train(
+        demo_inputs,
+        run,
+        "--preset",
+        "grpo",
+        "algorithm.use_kl_loss=false",
+        "trainer.gen_batch_size=4",  # GRPO: no dynamic sampling, one generation batch per step
+        "trainer.total_steps=2",
+        "trainer.val_every=0",
+        "checkpoint.export_hf_at_end=false",
+    )
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["dynamic_sampling/num_gen_batches"] == 1.0  # the GRPO preset is in effect
+    assert rows[0]["actor/kl_in_reward"] == 0.0 and rows[0]["ref_kl/mean"] == 0.0
+    assert rows[1]["actor/kl_in_reward"] > 0.0 and rows[1]["ref_kl/mean"] > 0.0
+    assert all(REQUIRED_KEYS <= set(r) for r in rows)
 
 
 def _cli(*args):
