@@ -41,3 +41,10 @@ def always_right(response: str, ground_truth: str) -> dict:
 def always_raise(response: str, ground_truth: str) -> dict:
     """A broken reward function: raises on every response."""
     raise KeyError(f"no parser for {ground_truth!r}")
+
+
+def length_parity(response: str, ground_truth: str) -> dict:
+    """1.0 when the response text has an even number of characters: informative groups from a
+    random policy (the tiny MoE trainer test), deterministic in the text."""
+    ok = len(response) % 2 == 0
+    return {"score": 1.0 if ok else 0.0, "acc": ok, "pred": response}

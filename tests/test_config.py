@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -247,6 +248,35 @@ def test_validate_world():
     cfg.rollout.n = 3
     with pytest.raises(ValueError, match="3 sequences must be divisible by the data-parallel size 2"):
         cfg.validate_world(4)
+
+
+def test_routing_recording_rules():
+    """rollout.record_routing follows model.routing_replay unless set; the combinations the
+    trainer cannot run are refused by name."""
+    assert not load_config(None, REQUIRED).records_routing
+    assert load_config(None, REQUIRED + ["model.routing_replay=rollout"]).records_routing
+    assert load_config(None, REQUIRED + ["rollout.record_routing=true"]).records_routing
+    for overrides, message in (
+        (
+            ["model.routing_replay=rollout", "rollout.record_routing=false"],
+            "rollout.record_routing=true or null",
+        ),
+        (["model.routing_replay=rollout", "rollout.engine=vllm"], "rollout.engine=hf"),
+        (
+            ["rollout.record_routing=true", "parallel.max_tokens_per_micro_batch=4096"],
+            "max_tokens_per_micro_batch=null",
+        ),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_config(None, REQUIRED + overrides)
+
+
+def test_vllm_engine_refuses_to_record_routing():
+    from dapo_megatron.rollout.vllm_engine import ROUTING_UNSUPPORTED, VLLMEngine
+
+    assert "enable_return_routed_experts" in ROUTING_UNSUPPORTED and "Model Runner V2" in ROUTING_UNSUPPORTED
+    with pytest.raises(ValueError, match="does not report routed experts"):
+        VLLMEngine("/nonexistent", record_routing=True)
 
 
 @pytest.mark.parametrize("preset", ["grpo", "dr_grpo", "dapo"])

@@ -56,17 +56,18 @@ def _step_logged(run_dir, step: int) -> bool:
     return any(json.loads(x).get("step") == step for x in complete if x.strip())
 
 
-def _train(demo_inputs, run_dir, *overrides, nproc=2, env=None, check=True, kill_after_step=None):
+def _train(demo_inputs, run_dir, *overrides, nproc=2, env=None, check=True, kill_after_step=None, entry=None):
     """Run training; with ``kill_after_step=k`` SIGKILL the whole job (like a preempted one) as
-    soon as the step-k metrics line is in metrics.jsonl (written after step k's checkpoint)."""
+    soon as the step-k metrics line is in metrics.jsonl (written after step k's checkpoint).
+    ``entry``: what torchrun runs (default ``-m dapo_megatron.train``), e.g. a test script and its
+    own arguments before the training arguments."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
         str(nproc),
-        "-m",
-        "dapo_megatron.train",
+        *(entry or ["-m", "dapo_megatron.train"]),
         "--config",
         str(CONFIG),
         f"model.hf_dir={demo_inputs / 'model'}",

@@ -196,6 +196,13 @@ class RolloutConfig(TypedSection):
         doc="Free-form engine options passed to the engine (e.g. gpu_memory_utilization for vllm).",
         factory=dict,
     )
+    record_routing: bool | None = doc_field(
+        None,
+        "MoE only: the engines record each token's experts, which reach the training ranks with the "
+        "batch; the trainer reports rollout/expert_agreement (the fraction of the engine's expert "
+        "choices the training forward used). null = on with model.routing_replay=rollout (which "
+        "needs it). hf engine only; padded micro-batches only (no max_tokens_per_micro_batch / CP).",
+    )
 
     def validate(self) -> None:
         self._require(self.n >= 2, "n", ">= 2 (group-relative advantages need at least 2 responses)")
@@ -411,6 +418,24 @@ class DapoConfig:
                 f"algorithm.overlong_buffer_enable, got {a.overlong_buffer_len} >= {r.max_response_length}"
             )
         p = self.parallel
+        if self.model.routing_replay == "rollout" and r.record_routing is False:
+            raise ValueError(
+                "model.routing_replay=rollout replays the engine's expert choices: it needs "
+                "rollout.record_routing=true or null, got false"
+            )
+        if self.records_routing:
+            if r.engine != "hf":
+                raise ValueError(
+                    f"model.routing_replay=rollout / rollout.record_routing need an engine that reports "
+                    f"routed experts: rollout.engine=hf (the {r.engine} engine does not, see "
+                    f"rollout/vllm_engine.py ROUTING_UNSUPPORTED)"
+                )
+            if p.max_tokens_per_micro_batch is not None or p.context_parallel_size > 1:
+                raise ValueError(
+                    "model.routing_replay=rollout / rollout.record_routing work on padded micro-batches: "
+                    "set parallel.max_tokens_per_micro_batch=null and parallel.context_parallel_size=1 "
+                    f"(got {p.max_tokens_per_micro_batch} and {p.context_parallel_size})"
+                )
         if p.max_tokens_per_micro_batch is not None:
             from dapo_megatron.parallel.layout import ParallelLayout
 
@@ -431,6 +456,14 @@ class DapoConfig:
                 raise ValueError("model.hf_dir is required (path to a Hugging Face model directory)")
             if not self.data.train_files:
                 raise ValueError("data.train_files is required (a list of .parquet/.jsonl files)")
+
+    @property
+    def records_routing(self) -> bool:
+        """Whether the engines record routed experts (``rollout.record_routing``, null = on with
+        ``model.routing_replay=rollout``)."""
+        if self.rollout.record_routing is None:
+            return self.model.routing_replay == "rollout"
+        return self.rollout.record_routing
 
     @property
     def rollout_tensor_parallel_size(self) -> int:

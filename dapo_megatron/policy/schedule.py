@@ -52,8 +52,10 @@ def _forward_step(loss_fn, data_iterator, model):
     mb = next(data_iterator)
     if torch.cuda.is_available():
         mb = _on_device(mb, torch.device("cuda", torch.cuda.current_device()))
-    if "routed_experts" in mb or _replays_routing(model):
-        # MoE routing replay: this micro-batch's recorded expert ids, or none (route afresh).
+    if _replays_routing(model):
+        # MoE routing replay: this micro-batch's recorded expert ids, or none (route afresh). A
+        # model built without replay routes afresh; ids it is given are only measured
+        # (routing_replay.ExpertAgreement).
         from dapo_megatron.policy.routing_replay import set_replay_targets
 
         set_replay_targets(model, mb.get("routed_experts"))

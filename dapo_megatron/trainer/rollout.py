@@ -67,6 +67,8 @@ class Row:
     advantage: float
     in_loss: bool  # False: dropped from the loss by overlong filtering
     reward: float = 0.0  # the shaped scalar reward; delivered only with KL in the reward
+    # MoE engines that record routing: int [prompt + response, layers, top_k] (Response.routed_experts)
+    routed_experts: torch.Tensor | None = None
 
 
 class EngineError(RuntimeError):
@@ -95,8 +97,12 @@ class RolloutCollector:
         data_sampler,
         engine=None,
         reward_pool=None,
+        routing_shape: tuple[int, int] | None = None,
     ):
         self.cfg = cfg
+        # (layers, top_k) of the engine's recorded expert ids, carried to the training ranks; None:
+        # the engines do not record routing.
+        self.routing_shape = routing_shape
         self.placement = placement
         self.groups = groups
         self.tokenizer = tokenizer
@@ -174,6 +180,7 @@ class RolloutCollector:
                     "prompt_ids": list(prompts[i].input_ids),
                     "response_ids": list(resp.token_ids),
                     "rollout_log_probs": list(resp.logprobs),
+                    "routed_experts": resp.routed_experts,
                     "truncated": resp.finish_reason == "length",
                     "score": float(res["score"]),
                     "acc": float(bool(res["acc"])),
@@ -323,7 +330,15 @@ class RolloutCollector:
                 torch.tensor([s["truncated"] for s in samples]),
             )
         return [
-            Row(s["prompt_ids"], s["response_ids"], s["rollout_log_probs"], float(a), bool(k), s["reward"])
+            Row(
+                s["prompt_ids"],
+                s["response_ids"],
+                s["rollout_log_probs"],
+                float(a),
+                bool(k),
+                s["reward"],
+                routed_experts=s["routed_experts"] if self.routing_shape is not None else None,
+            )
             for s, a, k in zip(samples, adv.tolist(), keep.tolist())
         ]
 
@@ -338,6 +353,7 @@ class RolloutCollector:
             groups=self.groups,
             pad_id=self.pad_id,
             with_rewards=self.cfg.algorithm.kl_in_reward,
+            routing_shape=self.routing_shape,
         )
 
     # ------------------------------------------------------------------------------ validation
@@ -388,6 +404,7 @@ def deliver_rows(
     groups,
     pad_id: int = 0,
     with_rewards: bool = False,
+    routing_shape: tuple[int, int] | None = None,
 ) -> tuple[RolloutBatch, dict[str, float]]:
     """The data plane: each kept row, as tensors, to the data-parallel replica that trains it.
 
@@ -400,6 +417,10 @@ def deliver_rows(
             prompt length (``sequence_rewards``, ``sequence_ids``, ``prompt_lengths``), for KL in
             the reward; positions and prompt lengths follow from the gathered lengths, so only the
             rewards travel (8 bytes a row).
+        routing_shape: ``(layers, top_k)`` when the rows carry the engine's expert ids (MoE
+            routing replay / expert agreement): they travel as one more tensor (int16, every
+            token of every row) and arrive as ``RolloutBatch.routed_experts`` (long; padding
+            positions hold experts ``0..top_k-1``, a valid distinct set that nothing scores).
 
     Only the lengths of every row are all-gathered; every rank then computes the same split
     (:func:`~dapo_megatron.parallel.data.assign_data_parallel`) and each leader sends each replica's
@@ -456,11 +477,14 @@ def deliver_rows(
             payload = [toks, vals]
             if with_rewards:
                 payload.append(torch.tensor([rows[j].reward for j in idx], dtype=torch.float64))
+            if routing_shape is not None:
+                payload.append(_packed_routing([rows[j] for j in idx], routing_shape))
             for rank in groups.replica_ranks[d]:
                 sends[rank] = list(payload)
     mine_idx = assignment[groups.dp_rank]
     recvs: dict[int, list[torch.Tensor]] = {}
     reward_bufs: dict[int, torch.Tensor] = {}  # with_rewards: engine -> its rows' rewards, in row order
+    routing_bufs: dict[int, torch.Tensor] = {}  # routing_shape: engine -> its rows' expert ids, end to end
     for e in range(num_engines):
         idx = [owner[g][1] for g in mine_idx if owner[g][0] == e]
         if idx:
@@ -472,6 +496,9 @@ def deliver_rows(
             if with_rewards:
                 reward_bufs[e] = torch.empty(len(idx), dtype=torch.float64)
                 recvs[placement.leaders[e]].append(reward_bufs[e])
+            if routing_shape is not None:
+                routing_bufs[e] = torch.empty(toks, *routing_shape, dtype=ROUTING_DTYPE)
+                recvs[placement.leaders[e]].append(routing_bufs[e])
     received = exchange(sends, recvs)
 
     # Unpack into this rank's batch, in assignment order.
@@ -482,30 +509,39 @@ def deliver_rows(
     advantages = torch.zeros(num, width)
     rollout_log_probs = torch.zeros(num, width)
     lengths = torch.zeros(num, dtype=torch.long)
+    if routing_shape is not None:
+        per_row = {
+            "routed_experts": torch.arange(routing_shape[1]).expand(num, width, *routing_shape).clone()
+        }
+    else:
+        per_row = {}
     for i, g in enumerate(mine_idx):
         e, j = owner[g]
         p, r = int(lens[e][j, 0]), int(lens[e][j, 1])
         toks, vals = recvs[placement.leaders[e]][:2]
         ti, vi = cursor[e]
         input_ids[i, : p + r] = toks[ti : ti + p + r]
+        if routing_shape is not None:
+            per_row["routed_experts"][i, : p + r] = routing_bufs[e][ti : ti + p + r]
         adv, in_loss = float(vals[vi]), float(vals[vi + 1])
         response_mask[i, p : p + r] = in_loss
         advantages[i, p : p + r] = adv * in_loss
         rollout_log_probs[i, p : p + r] = vals[vi + 2 : vi + 2 + r]
         lengths[i] = p + r
         cursor[e] = [ti + p + r, vi + 2 + r]
-    per_row = {}
     if with_rewards:
         rewards, taken = torch.zeros(num, dtype=torch.float64), dict.fromkeys(range(num_engines), 0)
         for i, g in enumerate(mine_idx):
             e = owner[g][0]
             rewards[i] = reward_bufs[e][taken[e]]
             taken[e] += 1
-        per_row = {
-            "sequence_rewards": rewards,
-            "sequence_ids": torch.tensor(mine_idx, dtype=torch.long),
-            "prompt_lengths": torch.tensor([int(lens[owner[g][0]][owner[g][1], 0]) for g in mine_idx]),
-        }
+        per_row.update(
+            {
+                "sequence_rewards": rewards,
+                "sequence_ids": torch.tensor(mine_idx, dtype=torch.long),
+                "prompt_lengths": torch.tensor([int(lens[owner[g][0]][owner[g][1], 0]) for g in mine_idx]),
+            }
+        )
     batch = RolloutBatch(
         input_ids=input_ids,
         seq_lengths=lengths,
@@ -577,9 +613,34 @@ def kl_in_reward_advantages(
     return {"actor/kl_in_reward": float(every[:, 2].mean())}
 
 
-def build_collector(cfg, placement: EnginePlacement, groups):
+# Expert ids on the wire: int16 holds any expert index of a real MoE (Qwen3-30B-A3B: 128 experts)
+# at a quarter of int64's bytes ([tokens, layers, top_k] per row is the data plane's largest tensor).
+ROUTING_DTYPE = torch.int16
+
+
+def _packed_routing(rows: list[Row], routing_shape: tuple[int, int]) -> torch.Tensor:
+    """The rows' expert ids end to end, ``[sum(prompt + response), layers, top_k]`` int16."""
+    parts = []
+    for row in rows:
+        t = row.routed_experts
+        n = len(row.prompt_ids) + len(row.response_ids)
+        if t is None or tuple(t.shape) != (n, *routing_shape):
+            raise ValueError(
+                f"the rollout engine's routed_experts must be [prompt + response = {n}, "
+                f"{routing_shape[0]} layers, top_k {routing_shape[1]}] per response, got "
+                f"{None if t is None else tuple(t.shape)}"
+            )
+        if t.numel() and int(t.max()) > torch.iinfo(ROUTING_DTYPE).max:
+            raise ValueError(f"expert id {int(t.max())} does not fit the data plane's {ROUTING_DTYPE}")
+        parts.append(t.to(ROUTING_DTYPE))
+    return torch.cat(parts) if parts else torch.empty(0, *routing_shape, dtype=ROUTING_DTYPE)
+
+
+def build_collector(cfg, placement: EnginePlacement, groups, *, routing_shape: tuple[int, int] | None = None):
     """Every rank: tokenizer, training data and sampler (the same prompt indices everywhere).
     Engine leaders also get the rollout engine (on ``model.hf_dir``) and the reward pool.
+    ``routing_shape``: ``(layers, top_k)`` of a mixture-of-experts policy whose engines must record
+    each token's experts (routing replay / expert agreement); ``None``: they do not.
     Returns ``(collector, validation dataset or None)``."""
     from transformers import AutoTokenizer
 
@@ -602,6 +663,8 @@ def build_collector(cfg, placement: EnginePlacement, groups):
         options = dict(cfg.rollout.engine_options)
         if cfg.rollout.engine == "vllm" and placement.ranks_per_engine > 1:
             options["tensor_parallel_size"] = placement.ranks_per_engine
+        if routing_shape is not None:
+            options["record_routing"] = True
         engine = create_engine(
             cfg.rollout.engine, cfg.model.hf_dir, dtype=dtype, seed=cfg.trainer.seed, **options
         )
@@ -614,6 +677,7 @@ def build_collector(cfg, placement: EnginePlacement, groups):
         data_sampler=sampler,
         engine=engine,
         reward_pool=reward_pool,
+        routing_shape=routing_shape,
     )
     return collector, val
 
