@@ -3,7 +3,7 @@
 The policy: a tiny random Qwen3-MoE (4 experts, top-2) over the demo tokenizer; the reward is the
 parity of the response text's length (informative groups from a random policy). Each engine
 records its router's top-2 experts per token; the data plane carries them to the training ranks
-(int16, a third tensor per sender), where the old-log-prob and update forwards replay them.
+(int16, one more tensor per sender), where the old-log-prob and update forwards replay them.
 
 * ``model.routing_replay=rollout``, 2 steps at EP2 (two replicas, two engines): expert agreement
   (the engine's choices that the training forward used) is exactly 1.0, old log-probs equal the

@@ -32,13 +32,14 @@ def _rows(lengths, seed=0):
                 rollout_log_probs=[-0.5] * r,
                 advantage=1.0,
                 in_loss=True,
+                reward=float(len(rows)),
                 routed_experts=experts.view(p + r, LAYERS, TOP_K),
             )
         )
     return rows
 
 
-def _deliver(rows, routing_shape=(LAYERS, TOP_K)):
+def _deliver(rows, routing_shape=(LAYERS, TOP_K), **kwargs):
     groups = SimpleNamespace(dp_size=1, dp_rank=0, replica_ranks=((0,),))
     return deliver_rows(
         rows,
@@ -48,6 +49,7 @@ def _deliver(rows, routing_shape=(LAYERS, TOP_K)):
         placement=EnginePlacement(1, 1),
         groups=groups,
         routing_shape=routing_shape,
+        **kwargs,
     )
 
 
@@ -67,6 +69,10 @@ def test_routed_experts_arrive_aligned_with_tokens():
     assert stats["rollout/batch_bytes_per_rank"] == tokens * 8 + values * 4 + tokens * LAYERS * TOP_K * 2
     plain, _ = _deliver(rows, routing_shape=None)
     assert plain.routed_experts is None and torch.equal(plain.input_ids, batch.input_ids)
+    # beside the rewards of KL in the reward (the other optional tensor of the same exchange)
+    both, _ = _deliver(rows, with_rewards=True)
+    assert torch.equal(both.routed_experts, batch.routed_experts)
+    assert both.sequence_rewards.tolist() == [r.reward for r in rows]
 
 
 def test_routed_experts_of_the_wrong_shape_are_refused():
