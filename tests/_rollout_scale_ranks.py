@@ -76,6 +76,18 @@ def sharded_collect(rank, world_size, demo_root, tp, overrides, steps=1, failing
     return out
 
 
+def collect_with_failing_engine(rank, world_size, demo_root, failing_rank):
+    """:func:`sharded_collect` (DP2) with the engine of ``failing_rank`` raising; returns this
+    rank's ``EngineError`` message (every rank must raise one)."""
+    from dapo_megatron.trainer.rollout import EngineError
+
+    try:
+        sharded_collect(rank, world_size, demo_root, 1, [], 1, failing_rank)
+    except EngineError as err:
+        return str(err)
+    return None
+
+
 def reference_batches(demo_root, steps, *overrides):
     """The single-engine path, written independently of the trainer: one HF engine generates
     every prompt of a round, :class:`~dapo_megatron.algo.DynamicSampler` keeps groups, and the
@@ -108,7 +120,11 @@ def reference_batches(demo_root, steps, *overrides):
                 rnd += 1
                 rounds.append([list(p.input_ids) for p in prompts])
                 sampling = SamplingConfig(
-                    temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_response_length, seed=seed
+                    temperature=r.temperature,
+                    top_p=r.top_p,
+                    top_k=r.top_k,
+                    max_new_tokens=r.max_response_length,
+                    seed=seed,
                 )
                 groups = engine.generate([p.input_ids for p in prompts], r.n, sampling)
                 flat = [(i, x) for i, g in enumerate(groups) for x in g]
@@ -116,14 +132,20 @@ def reference_batches(demo_root, steps, *overrides):
                 res, _ = pool.compute(texts, [prompts[i].ground_truth for i, _ in flat])
                 lengths = torch.tensor([len(x.token_ids) for _, x in flat], dtype=torch.float32)
                 pen = overlong_penalty(
-                    lengths, max_len=r.max_response_length, buffer_len=algo.overlong_buffer_len,
+                    lengths,
+                    max_len=r.max_response_length,
+                    buffer_len=algo.overlong_buffer_len,
                     penalty_factor=algo.overlong_buffer_penalty_factor,
                 )
                 samples = [
                     {
-                        "uid": f"{rnd}:{i}", "p": list(prompts[i].input_ids), "r": list(x.token_ids),
-                        "lp": list(x.logprobs), "trunc": x.finish_reason == "length",
-                        "acc": float(bool(q["acc"])), "reward": float(q["score"]) + float(pen[k]),
+                        "uid": f"{rnd}:{i}",
+                        "p": list(prompts[i].input_ids),
+                        "r": list(x.token_ids),
+                        "lp": list(x.logprobs),
+                        "trunc": x.finish_reason == "length",
+                        "acc": float(bool(q["acc"])),
+                        "reward": float(q["score"]) + float(pen[k]),
                     }
                     for k, ((i, x), q) in enumerate(zip(flat, res))
                 ]
@@ -139,9 +161,13 @@ def reference_batches(demo_root, steps, *overrides):
                 mask[i, p : p + q] = 1.0
                 lp[i, p : p + q] = torch.tensor(s["lp"])
             if algo.overlong_filter:
-                keep = overlong_mask(torch.tensor([len(s["r"]) for s in kept]), torch.tensor([s["trunc"] for s in kept]))
+                keep = overlong_mask(
+                    torch.tensor([len(s["r"]) for s in kept]), torch.tensor([s["trunc"] for s in kept])
+                )
                 mask *= keep.float()[:, None]
-            adv = group_advantages([s["reward"] for s in kept], [s["uid"] for s in kept], norm_by_std=algo.norm_adv_by_std)
+            adv = group_advantages(
+                [s["reward"] for s in kept], [s["uid"] for s in kept], norm_by_std=algo.norm_adv_by_std
+            )
             batch = {
                 "input_ids": ids,
                 "seq_lengths": torch.tensor([len(s["p"]) + len(s["r"]) for s in kept]),

