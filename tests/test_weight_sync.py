@@ -67,13 +67,16 @@ def test_export_equals_model_b(model_dirs, exported):
         assert torch.equal(exported[name], t), name
 
 
-def check_engine_after_sync(engine, model_dirs, exported) -> dict[str, float]:
-    """Run (a) and (b) on ``engine`` (built on model A); return the measured log-prob differences."""
+def check_engine_after_sync(engine, model_dirs, exported, *, sleep_first: bool = False) -> dict[str, float]:
+    """Run (a) and (b) on ``engine`` (built on model A); return the measured log-prob differences.
+    ``sleep_first``: put the engine to sleep before the update (it must wake itself)."""
     prompts = long_prompts(21, lens=PROMPT_LENS)
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=NEW_TOKENS)
     sampled_cfg = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=NEW_TOKENS, seed=7)
     before = engine.generate(prompts, 1, greedy)  # model A's KV for these prompts in any prefix cache
 
+    if sleep_first:
+        engine.sleep()
     engine.update_weights(exported.items())
     after_greedy = engine.generate(prompts, 1, greedy)
     after_sampled = engine.generate(prompts, 2, sampled_cfg)
@@ -123,5 +126,33 @@ def test_vllm_engine_matches_megatron_after_sync(model_dirs, exported):
     engine = create_engine("vllm", model_dirs[0], dtype="float32", seed=0)
     try:
         check_engine_after_sync(engine, model_dirs, exported)
+    finally:
+        engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+def test_vllm_gpu_cuda_ipc_sync_matches_megatron(
+    model_dirs, exported
+):  # pragma: no cover - needs CUDA + vllm
+    """GPU: the engine core in its own process, sleep mode on, the exported tensors on CUDA: the
+    update goes over CUDA IPC in buckets (the tiny model's ~3 MB in several 1 MiB buckets), wakes
+    weights, loads, wakes the KV cache; then (a) and (b) as for the CPU engines. Needs 4 GPUs (the
+    module's TP2xPP2 Megatron export and scoring run one rank per GPU)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed: pip install 'dapo_megatron[gpu]'")
+    engine = create_engine(
+        "vllm",
+        model_dirs[0],
+        dtype="float32",
+        seed=0,
+        in_process=False,
+        enable_sleep_mode=True,
+        gpu_memory_utilization=0.3,
+        weight_bucket_mib=1,
+    )
+    try:
+        on_gpu = {name: t.cuda() for name, t in exported.items()}
+        check_engine_after_sync(engine, model_dirs, on_gpu, sleep_first=True)
+        assert engine.last_weight_transport == "cuda_ipc"
     finally:
         engine.close()

