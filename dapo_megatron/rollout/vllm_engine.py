@@ -358,6 +358,7 @@ class VLLMEngine:
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
         del llm
+        _kill_leftovers(self._processes)  # e.g. the workers of an engine core that was SIGKILLed
 
 
 _LIVENESS_POLL_SECONDS = 0.5
@@ -386,6 +387,15 @@ def _engine_processes(before: set[int]) -> list:
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+def _kill_leftovers(processes) -> None:
+    import psutil
+
+    for proc, _ in processes:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                proc.kill()
 
 
 @contextlib.contextmanager

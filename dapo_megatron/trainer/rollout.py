@@ -178,7 +178,7 @@ class RolloutCollector:
         if error is not None:
             failed[self.engine_index] = 1
         if dist.is_initialized() and dist.get_world_size() > 1:
-            failed = all_reduce_cpu(failed, op=dist.ReduceOp.MAX)
+            failed = all_reduce_cpu(failed, op=dist.ReduceOp.MAX, group=self.groups.world)
         if error is not None:
             raise error
         if failed.any():
