@@ -362,7 +362,8 @@ def plot(summaries: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
         ("response_length_vs_step.png", "step", "mean response length", lambda r: r["steps"], lambda r: r["response_length"]),
     ]
     panels = plot_panels(summaries)
-    colors = {arm: f"C{i % 10}" for i, arm in enumerate(summaries)}
+    cmap = plt.get_cmap("tab20")  # 20 distinct colours: no two arms share one
+    colors = {arm: cmap(i % 20) for i, arm in enumerate(summaries)}
     paths = []
     for name, xlabel, ylabel, xs_of, ys_of in specs:
         fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), dpi=90, squeeze=False, sharey=True)
