@@ -265,6 +265,18 @@ class RolloutCollector:
             )
         return samples
 
+    def _checked_generate(self, what: str, generates: bool, prompts, n: int, sampling, **kwargs):
+        """Collective: :meth:`generate_and_score` on a leader with prompts (``generates``), then
+        :meth:`check_engines` on every rank. Returns the samples, or ``None`` where nothing ran."""
+        samples, error = None, None
+        if generates:
+            try:
+                samples = self.generate_and_score(prompts, n, sampling, **kwargs)
+            except EngineError as err:
+                error = err
+        self.check_engines(error, what)
+        return samples
+
     # --------------------------------------------------------------------------------- collect
 
     def _gather_counts(self, local: list[int]) -> torch.Tensor:
@@ -302,20 +314,16 @@ class RolloutCollector:
             start, stop = shard_bounds(len(indices), num_engines)[self.engine_index]
             kept, local, values = [], [0, 0, 0, 0], []
             generates = self.is_leader and stop > start
-            samples, error = None, None
-            if generates:
-                try:
-                    samples = self.generate_and_score(
-                        self.dataset.batch(indices[start:stop]),
-                        n,
-                        self.sampling(seed=seed + start * n),
-                        uid_prefix=f"r{self.generation_round}",
-                        first=start,
-                        report=report,
-                    )
-                except EngineError as err:
-                    error = err
-            self.check_engines(error, "generate")
+            samples = self._checked_generate(
+                "generate",
+                generates,
+                self.dataset.batch(indices[start:stop]) if generates else None,
+                n,
+                self.sampling(seed=seed + start * n),
+                uid_prefix=f"r{self.generation_round}",
+                first=start,
+                report=report,
+            )
             if generates:
                 generated_tokens += sum(len(s["response_ids"]) for s in samples)
                 _add_response_sums(report, samples)
@@ -447,20 +455,16 @@ class RolloutCollector:
         report = Report()
         start, stop = shard_bounds(len(dataset), self.placement.num_engines)[self.engine_index]
         generates = self.is_leader and stop > start
-        samples, error = None, None
-        if generates:
-            try:
-                samples = self.generate_and_score(
-                    dataset.batch(list(range(start, stop))),
-                    r.val_n,
-                    self.sampling(validation=True, seed=self.cfg.trainer.seed + start * r.val_n),
-                    uid_prefix="val",
-                    first=start,
-                    report=Report(),
-                )
-            except EngineError as err:
-                error = err
-        self.check_engines(error, "generate (validation)")
+        samples = self._checked_generate(
+            "generate (validation)",
+            generates,
+            dataset.batch(list(range(start, stop))) if generates else None,
+            r.val_n,
+            self.sampling(validation=True, seed=self.cfg.trainer.seed + start * r.val_n),
+            uid_prefix="val",
+            first=start,
+            report=Report(),
+        )
         if generates:
             report.add(f"val/acc_avg@{r.val_n}", sum(s["acc"] for s in samples), len(samples))
             report.add("val/score_mean", sum(s["score"] for s in samples), len(samples))
@@ -592,46 +596,37 @@ def deliver_rows(
     received = exchange(sends, recvs)
 
     # Unpack into this rank's batch, in assignment order.
-    cursor = {e: [0, 0] for e in range(num_engines)}
+    cursor = {e: [0, 0, 0] for e in range(num_engines)}  # token, value and row offsets per engine
     num, width = len(mine_idx), max(seq_len[g] for g in mine_idx)
     input_ids = torch.full((num, width), pad_id, dtype=torch.long)
     response_mask = torch.zeros(num, width)
     advantages = torch.zeros(num, width)
     rollout_log_probs = torch.zeros(num, width)
     lengths = torch.zeros(num, dtype=torch.long)
+    per_row: dict[str, torch.Tensor] = {}
     if routing_shape is not None:
-        per_row = {
-            "routed_experts": torch.arange(routing_shape[1]).expand(num, width, *routing_shape).clone()
-        }
-    else:
-        per_row = {}
+        per_row["routed_experts"] = torch.arange(routing_shape[1]).expand(num, width, *routing_shape).clone()
+    if with_rewards:
+        per_row["sequence_rewards"] = torch.zeros(num, dtype=torch.float64)
+        per_row["sequence_ids"] = torch.tensor(mine_idx, dtype=torch.long)
+        per_row["prompt_lengths"] = torch.zeros(num, dtype=torch.long)
     for i, g in enumerate(mine_idx):
         e, j = owner[g]
         p, r = int(lens[e][j, 0]), int(lens[e][j, 1])
         toks, vals = recvs[placement.leaders[e]][:2]
-        ti, vi = cursor[e]
+        ti, vi, ri = cursor[e]
         input_ids[i, : p + r] = toks[ti : ti + p + r]
         if routing_shape is not None:
             per_row["routed_experts"][i, : p + r] = routing_bufs[e][ti : ti + p + r]
+        if with_rewards:
+            per_row["sequence_rewards"][i] = reward_bufs[e][ri]
+            per_row["prompt_lengths"][i] = p
         adv, in_loss = float(vals[vi]), float(vals[vi + 1])
         response_mask[i, p : p + r] = in_loss
         advantages[i, p : p + r] = adv * in_loss
         rollout_log_probs[i, p : p + r] = vals[vi + 2 : vi + 2 + r]
         lengths[i] = p + r
-        cursor[e] = [ti + p + r, vi + 2 + r]
-    if with_rewards:
-        rewards, taken = torch.zeros(num, dtype=torch.float64), dict.fromkeys(range(num_engines), 0)
-        for i, g in enumerate(mine_idx):
-            e = owner[g][0]
-            rewards[i] = reward_bufs[e][taken[e]]
-            taken[e] += 1
-        per_row.update(
-            {
-                "sequence_rewards": rewards,
-                "sequence_ids": torch.tensor(mine_idx, dtype=torch.long),
-                "prompt_lengths": torch.tensor([int(lens[owner[g][0]][owner[g][1], 0]) for g in mine_idx]),
-            }
-        )
+        cursor[e] = [ti + p + r, vi + 2 + r, ri + 1]
     batch = RolloutBatch(
         input_ids=input_ids,
         seq_lengths=lengths,
