@@ -30,6 +30,7 @@ REQUIRED_KEYS = {
     "rollout/logprob_diff_mean",
     "tokens_per_second",
     "step_time",
+    "memory/host_peak_rss_gib",
     "loss",
     "grad_norm",
 }
@@ -185,7 +186,7 @@ def test_exact_resume_after_sigkill(demo_inputs, tmp_path, layout):
     assert [r["step"] for r in b] == [1, 2, 3]
     for key, value in a[2].items():
         if (
-            key.startswith("timing/")
+            key.startswith(("timing/", "memory/"))
             or key in ("time", "step_time", "tokens_per_second")
             or key.startswith("reward/elapsed")
         ):

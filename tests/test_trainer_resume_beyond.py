@@ -60,7 +60,7 @@ def test_exact_resume_with_adaptive_clip_and_prompt_skipping(small_demo, tmp_pat
 
     for key, value in a[2].items():
         if (
-            key.startswith("timing/")
+            key.startswith(("timing/", "memory/"))
             or key in ("time", "step_time", "tokens_per_second")
             or key.startswith("reward/elapsed")
         ):

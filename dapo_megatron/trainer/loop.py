@@ -18,6 +18,7 @@ per data-parallel replica), on the block's first rank (:class:`~dapo_megatron.pa
 from __future__ import annotations
 
 import dataclasses
+import resource
 import time
 from pathlib import Path
 
@@ -162,21 +163,23 @@ class DapoTrainer:
 
     # ----------------------------------------------------------------------------------- steps
 
-    def sync_weights(self) -> float:
+    def sync_weights(self) -> tuple[float, float]:
         """Wake the engines and push the policy's weights to them, in memory: every replica streams
         its own full copy (collective over its TP x PP group) into the engines its ranks lead, all
         replicas at the same time; no cross-replica traffic. A failed engine stops every rank
         (:meth:`~dapo_megatron.trainer.rollout.RolloutCollector.update_engine_weights`). Returns the
-        slowest rank's seconds."""
+        slowest rank's seconds and the largest peak resident memory of a training process so far
+        (GiB, ``getrusage``; the engine processes are not counted), in one reduction."""
         t0 = time.monotonic()
         # a sleeping engine wakes its weights, loads, then wakes its KV cache
         self.collector.update_engine_weights(self.loaded.hf_tensors() if self.exports_weights else None)
-        seconds = torch.tensor([time.monotonic() - t0], dtype=torch.float64)
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+        maxima = torch.tensor([time.monotonic() - t0, peak_gib], dtype=torch.float64)
         if dist.get_world_size() > 1:
             from dapo_megatron.parallel.exchange import all_reduce_cpu
 
-            seconds = all_reduce_cpu(seconds, op=dist.ReduceOp.MAX)
-        return float(seconds)
+            maxima = all_reduce_cpu(maxima, op=dist.ReduceOp.MAX)
+        return float(maxima[0]), float(maxima[1])
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -205,7 +208,7 @@ class DapoTrainer:
         update_metrics["algorithm/clip_ratio_high"] = clip_high
         self.clip_high.observe(update_metrics["entropy"])  # all-reduced: equal on every rank
         t_update = time.monotonic() - t0 - t_rollout - t_logprob
-        t_sync = self.sync_weights()
+        t_sync, peak_rss_gib = self.sync_weights()
         step_time = time.monotonic() - t0
         tokens = rollout_metrics["rollout/batch_tokens"]
         metrics = {**rollout_metrics, **update_metrics, **mismatch}
@@ -217,6 +220,7 @@ class DapoTrainer:
                 "timing/old_log_prob": t_logprob,
                 "timing/update": t_update,
                 "timing/weight_sync": t_sync,
+                "memory/host_peak_rss_gib": peak_rss_gib,
             }
         )
         return metrics
