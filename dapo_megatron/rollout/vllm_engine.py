@@ -40,7 +40,8 @@ What the engine sets up, and why (measured facts in ``shared/VLLM_CPU.md``):
   other processes, every call runs in a helper thread while this thread polls those processes;
   if one is gone the call raises :class:`EngineProcessDied` naming it. The other way round, an
   owner that is SIGKILLed cannot close its engine, and vLLM's core and workers keep running
-  (re-parented to init); ``rollout/_reaper.py``, started per engine, kills them then.
+  (re-parented to init); ``rollout/_reaper.py``, started per engine before vLLM starts it (so a
+  kill during start-up is covered too), kills them then.
 """
 
 from __future__ import annotations
@@ -198,13 +199,20 @@ class VLLMEngine:
         kwargs.update(llm_kwargs)
         kwargs["worker_extension_cls"] = "dapo_megatron.rollout.vllm_worker.WeightSyncExtension"
         before = _descendants()
-        if in_process:
-            self.llm = vllm.LLM(**kwargs)
-        else:
-            with _separate_engine_process_env():
+        # started first, so that a SIGKILL of this process while vLLM starts takes what it started
+        self._reaper = _Reaper.watch(exclude=before)
+        try:
+            if in_process:
                 self.llm = vllm.LLM(**kwargs)
-        self._processes = _engine_processes(before)
-        self._reaper = _start_reaper(self._processes)  # kills them if this process is SIGKILLed
+            else:
+                with _separate_engine_process_env():
+                    self.llm = vllm.LLM(**kwargs)
+        except BaseException:
+            _kill_leftovers(_engine_processes(before | {self._reaper.pid}))
+            self._reaper.stop()
+            raise
+        self._processes = _engine_processes(before | {self._reaper.pid})
+        self._reaper.keep_to(self._processes)  # from now on: kills them if this process is SIGKILLed
         self._asleep = False
 
     @property
@@ -389,8 +397,7 @@ class VLLMEngine:
         _kill_leftovers(self._processes)  # e.g. the workers of an engine core that was SIGKILLed
         reaper, self._reaper = getattr(self, "_reaper", None), None
         if reaper is not None:
-            reaper.kill()
-            reaper.wait()
+            reaper.stop()
 
 
 _LIVENESS_POLL_SECONDS = 0.5
@@ -421,24 +428,57 @@ def _engine_processes(before: set[int]) -> list:
     return found
 
 
-def _start_reaper(processes):
-    """A watcher process (``_reaper.py``, psutil only) that kills ``processes`` if this process
-    dies without :meth:`VLLMEngine.close` (SIGKILL, the OOM killer); ``None`` when there are none."""
-    import subprocess
-    import sys
+class _Reaper:
+    """A watcher process (``_reaper.py``, psutil only) that kills an engine's processes if this
+    process dies without :meth:`VLLMEngine.close` (SIGKILL, the OOM killer).
 
-    import psutil
+    :meth:`watch` starts it before the engine: until :meth:`keep_to` it takes every new descendant
+    of this process (polled every 0.5 s; one started less than that before the kill can escape);
+    after it, only the listed engine processes (none: the watcher exits)."""
 
-    if not processes:
-        return None
-    owner = psutil.Process()
-    args = [f"{owner.pid}:{owner.create_time()}"]
-    for proc, _ in processes:
-        with contextlib.suppress(psutil.Error):
-            args.append(f"{proc.pid}:{proc.create_time()}")
-    script = Path(__file__).with_name("_reaper.py")
-    # its own session: a Ctrl-C to the job's process group must not stop it before the engine
-    return subprocess.Popen([sys.executable, str(script), *args], start_new_session=True)
+    def __init__(self, popen) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+
+    @classmethod
+    def watch(cls, exclude: set[int]) -> _Reaper:
+        import subprocess
+        import sys
+
+        import psutil
+
+        owner = psutil.Process()
+        script = Path(__file__).with_name("_reaper.py")
+        args = [f"{owner.pid}:{owner.create_time()}", "--exclude", ",".join(str(p) for p in sorted(exclude))]
+        # its own session: a Ctrl-C to the job's process group must not stop it before the engine
+        return cls(
+            subprocess.Popen(
+                [sys.executable, str(script), *args], stdin=subprocess.PIPE, text=True, start_new_session=True
+            )
+        )
+
+    def keep_to(self, processes) -> None:
+        """From now on watch only ``processes`` (``(psutil.Process, name)`` pairs)."""
+        import subprocess
+
+        import psutil
+
+        ids = []
+        for proc, _ in processes:
+            with contextlib.suppress(psutil.Error):
+                ids.append(f"{proc.pid}:{proc.create_time()}")
+        with contextlib.suppress(OSError):  # a watcher that is gone already has nothing to watch
+            self._popen.stdin.write(" ".join(ids) + "\n")
+            self._popen.stdin.flush()
+        if not ids:  # nothing to watch: it exits at once
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout=10)
+
+    def stop(self) -> None:
+        self._popen.kill()
+        self._popen.wait()
+        with contextlib.suppress(OSError):
+            self._popen.stdin.close()
 
 
 def _kill_leftovers(processes) -> None:
