@@ -84,13 +84,17 @@ def test_reaper_kills_a_stand_in_engine_of_a_killed_owner_and_the_control_surviv
     control, control_pids = _owner(STAND_IN.format(with_reaper=False, started=started))
     try:
         time.sleep(1.5)  # the owners are alive: nothing may be killed yet
-        assert _wait_gone([engine, worker], 0) == [engine, worker], "the reaper killed an engine whose owner is alive"
+        assert _wait_gone([engine, worker], 0) == [engine, worker], (
+            "the reaper killed an engine whose owner is alive"
+        )
         t0 = time.monotonic()
         owner.send_signal(signal.SIGKILL)
         control.send_signal(signal.SIGKILL)
         owner.wait()
         control.wait()
-        assert _wait_gone([engine, worker], GONE_WITHIN_S) == [], "engine processes outlived their SIGKILLed owner"
+        assert _wait_gone([engine, worker], GONE_WITHIN_S) == [], (
+            "engine processes outlived their SIGKILLed owner"
+        )
         print(f"\nowner SIGKILL -> engine core and worker gone: {time.monotonic() - t0:.2f} s")
         assert _wait_gone(control_pids, 2.0) == control_pids, "control: without a reaper they survive"
         if started:  # once the engine is up only its own processes are the watcher's
@@ -178,7 +182,9 @@ def test_vllm_engine_processes_die_with_an_owner_sigkilled_during_start_up(tmp_p
         seen |= {p.pid for p in psutil.Process(owner.pid).children(recursive=True)}
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-        assert not marker.exists(), "the engine was up before the kill: this test needs a kill during start-up"
+        assert not marker.exists(), (
+            "the engine was up before the kill: this test needs a kill during start-up"
+        )
         t0 = time.monotonic()
         left = _wait_gone(sorted(seen), GONE_WITHIN_S)
         print(f"\nowner SIGKILL during start-up -> {len(seen)} processes gone: {time.monotonic() - t0:.2f} s")

@@ -48,20 +48,21 @@ def _parse(arg: str) -> tuple[int, float]:
     return int(pid), float(created)
 
 
-def _new_descendants(owner: psutil.Process, exclude: set[int]) -> dict[int, float]:
-    """``{pid: create_time}`` of the owner's descendants not in ``exclude`` (empty once it is gone)."""
-    found = {}
+def new_descendants(owner: psutil.Process, exclude: set[int]) -> list[psutil.Process]:
+    """The owner's descendants not in ``exclude``, without multiprocessing's resource tracker (a
+    helper of the ``spawn`` start method that outlives nothing of the engine's); empty once the
+    owner is gone. Also what :class:`VLLMEngine` calls its engine's processes."""
     try:
         children = owner.children(recursive=True)
     except psutil.Error:
-        return found
+        return []
+    found = []
     for proc in children:
         if proc.pid in exclude:
             continue
         try:
-            if any("resource_tracker" in part for part in proc.cmdline()):
-                continue
-            found[proc.pid] = proc.create_time()
+            if not any("resource_tracker" in part for part in proc.cmdline()):
+                found.append(proc)
         except psutil.Error:
             continue
     return found
@@ -108,7 +109,7 @@ def main(argv: list[str]) -> int:
                 tracked = dict(_parse(a) for a in final.line.split())
                 final = None  # from now on only the engine's own processes
             else:
-                tracked.update(_new_descendants(owner, exclude))
+                tracked.update((p.pid, p.create_time()) for p in new_descendants(owner, exclude))
         if _running(*owner_id) is None:
             _kill(tracked)
             return 0

@@ -411,20 +411,15 @@ def _descendants() -> set[int]:
 
 def _engine_processes(before: set[int]) -> list:
     """``(psutil.Process, name)`` of the processes vLLM started (engine core, workers): the new
-    descendants of this process, without multiprocessing's resource tracker (a helper of the
-    ``spawn`` start method that outlives nothing of the engine's)."""
+    descendants of this process (:func:`~dapo_megatron.rollout._reaper.new_descendants`)."""
     import psutil
 
+    from dapo_megatron.rollout._reaper import new_descendants
+
     found = []
-    for proc in psutil.Process().children(recursive=True):
-        if proc.pid in before:
-            continue
-        try:
-            if any("resource_tracker" in part for part in proc.cmdline()):
-                continue
+    for proc in new_descendants(psutil.Process(), before):
+        with contextlib.suppress(psutil.NoSuchProcess):
             found.append((proc, proc.name()))
-        except psutil.NoSuchProcess:
-            continue
     return found
 
 
@@ -459,8 +454,6 @@ class _Reaper:
 
     def keep_to(self, processes) -> None:
         """From now on watch only ``processes`` (``(psutil.Process, name)`` pairs)."""
-        import subprocess
-
         import psutil
 
         ids = []
@@ -468,11 +461,8 @@ class _Reaper:
             with contextlib.suppress(psutil.Error):
                 ids.append(f"{proc.pid}:{proc.create_time()}")
         with contextlib.suppress(OSError):  # a watcher that is gone already has nothing to watch
-            self._popen.stdin.write(" ".join(ids) + "\n")
+            self._popen.stdin.write(" ".join(ids) + "\n")  # none: it exits (reaped by stop)
             self._popen.stdin.flush()
-        if not ids:  # nothing to watch: it exits at once
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._popen.wait(timeout=10)
 
     def stop(self) -> None:
         self._popen.kill()
